@@ -1,0 +1,1 @@
+"""Rewrite passes, one module per DSL keyword; each registers itself with peftc.passmanager.register."""

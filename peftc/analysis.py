@@ -1,0 +1,196 @@
+"""Structural analysis of a captured graph: linears with their role and layer, found from dataflow.
+
+Roles come from the graph, not from a table of module names:
+- q, k, v: the linears whose outputs reach the query, key or value input of an attention
+  (``aten.scaled_dot_product_attention``) without passing another linear; o: the linear its output reaches;
+- down: a linear reached from another linear's output through an activation; that other linear is ``gate``
+  when a third linear (``up``) feeds the same down projection without an activation, else it is ``up``;
+- head: the linear outside every block whose output reaches the model output;
+- embed: the embedding looked up with ``input_ids``.
+A linear that feeds several of q, k and v at once is *fused* (GPT-2's ``c_attn``); its role is ``qkv``.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from .capture import module_path, module_type, strip_prefix
+
+aten = torch.ops.aten
+LINEAR_OPS = {aten.linear.default, aten.addmm.default}
+ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+ACTIVATION_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
+                  aten.sigmoid.default, aten.silu_.default, aten.relu_.default}
+ATTENTION_ROLES = ("q", "k", "v", "o")
+FFN_ROLES = ("gate", "up", "down")
+ROLE_ORDER = ATTENTION_ROLES + FFN_ROLES + ("qkv", "head")
+
+
+@dataclass
+class LinearSite:
+    node: str                 # name of the fx node computing the linear
+    path: str                 # module path, e.g. model.layers.0.self_attn.q_proj
+    weight: str               # get_attr target of the weight
+    bias: str | None          # get_attr target of the bias, if any
+    kind: str                 # "linear" (weight out×in) or "conv1d" (addmm, weight in×out)
+    in_features: int
+    out_features: int
+    layer: int | None         # transformer block index, None outside blocks
+    module_type: str | None
+    role: str | None = None   # q k v o gate up down head qkv, or None when unlabelled
+
+
+@dataclass
+class ModelSites:
+    linears: list[LinearSite]
+    n_layers: int
+    embed: str | None = None          # get_attr target of the token embedding weight
+    attention_count: int = 0
+    by_node: dict[str, LinearSite] = field(default_factory=dict)
+
+    def roles(self) -> Counter:
+        return Counter(s.role for s in self.linears if s.role)
+
+    def summary(self) -> str:
+        """What the model has, for error messages."""
+        roles = ", ".join(f"{r} ({n})" for r, n in sorted(self.roles().items(),
+                                                         key=lambda kv: ROLE_ORDER.index(kv[0])))
+        examples = ", ".join(s.path for s in self.linears[:4])
+        return (f"{len(self.linears)} linears in {self.n_layers} layers; roles: {roles or 'none'}; "
+                f"module paths like {examples}")
+
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def _layer_of(path: str) -> int | None:
+    match = _LAYER.search(path)
+    return int(match.group(1)) if match else None
+
+
+def _attr(node) -> str | None:
+    return node.target if isinstance(node, Node) and node.op == "get_attr" else None
+
+
+def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
+    if node.target is aten.linear.default:
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        kind = "linear"
+    else:  # addmm(bias, x, weight): a Conv1D whose weight is stored in×out
+        bias, x, weight = node.args[0], node.args[1], node.args[2]
+        kind = "conv1d"
+    target = _attr(weight)
+    if target is None:
+        return None
+    w = gm.get_parameter(target) if target in dict(gm.named_parameters()) else None
+    shape = tuple(w.shape) if w is not None else tuple(weight.meta["val"].shape)
+    out_f, in_f = shape if kind == "linear" else shape[::-1]
+    path = module_path(node) or strip_prefix(target.rsplit(".", 1)[0])
+    return LinearSite(node=node.name, path=path, weight=target, bias=_attr(bias), kind=kind,
+                      in_features=in_f, out_features=out_f, layer=_layer_of(path),
+                      module_type=module_type(node))
+
+
+def analyze(gm: GraphModule) -> ModelSites:
+    nodes = list(gm.graph.nodes)
+    linear_nodes = [n for n in nodes if n.op == "call_function" and n.target in LINEAR_OPS]
+    sites = [s for s in (_linear_site(n, gm) for n in linear_nodes) if s is not None]
+    by_node = {s.node: s for s in sites}
+    stops = {n for n in nodes if n.op == "call_function"
+             and (n.target in LINEAR_OPS or n.target in ATTENTION_OPS or n.target is aten.embedding.default)}
+    forward = nx.DiGraph()
+    backward = nx.DiGraph()
+    for n in nodes:
+        forward.add_node(n)
+        backward.add_node(n)
+        for user in n.users:
+            if n not in stops:
+                forward.add_edge(n, user)
+            if user not in stops:
+                backward.add_edge(n, user)
+
+    def reach(start: Node) -> set[Node]:
+        out: set[Node] = set()
+        for user in start.users:
+            out.add(user)
+            out |= nx.descendants(forward, user)
+        return out
+
+    def feeding(node) -> set[str]:
+        if not isinstance(node, Node):
+            return set()
+        found = {node} | nx.ancestors(backward, node)
+        return {n.name for n in found if n.name in by_node}
+
+    attentions = [n for n in nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+    labels: dict[str, set[str]] = {}
+    for attn in attentions:
+        for role, arg in zip("qkv", attn.args[:3]):
+            for name in feeding(arg):
+                labels.setdefault(name, set()).add(role)
+        for n in reach(attn):
+            if n.name in by_node:
+                labels.setdefault(n.name, set()).add("o")
+    for name, roles in labels.items():
+        by_node[name].role = roles.pop() if len(roles) == 1 else "qkv" if roles <= set("qkv") else None
+
+    node_of = {n.name: n for n in linear_nodes}
+    _label_ffn(sites, lambda s: reach(node_of[s.node]), reach)
+    output = next(n for n in nodes if n.op == "output")
+    for s in sites:
+        if s.role is None and s.layer is None and output in reach(node_of[s.node]):
+            s.role = "head"
+    n_layers = max((s.layer for s in sites if s.layer is not None), default=-1) + 1
+    return ModelSites(linears=sites, n_layers=n_layers, embed=_token_embedding(nodes),
+                      attention_count=len(attentions), by_node=by_node)
+
+
+def _label_ffn(sites: list[LinearSite], site_reach, reach) -> None:
+    site_of = {s.node: s for s in sites}
+    reached: dict[str, set[str]] = {}
+    through_act: dict[str, set[str]] = {}
+    for s in sites:
+        node_reach = site_reach(s)
+        reached[s.node] = {n.name for n in node_reach if n.name in site_of}
+        acts = [n for n in node_reach if n.op == "call_function" and n.target in ACTIVATION_OPS]
+        after = set()
+        for act in acts:
+            after |= {n.name for n in reach(act) if n.name in site_of}
+        through_act[s.node] = after & reached[s.node]
+    for s in sites:
+        if s.role is not None:
+            continue
+        downs = [site_of[d] for d in through_act[s.node] if site_of[d].role in (None, "down")]
+        if not downs:
+            continue
+        down = downs[0]
+        down.role = "down"
+        partners = [site_of[p] for p, r in reached.items()
+                    if down.node in r and p != s.node and site_of[p].role in (None, "up")
+                    and down.node not in through_act[p]]
+        s.role = "gate" if partners else "up"
+        for p in partners:
+            p.role = "up"
+
+
+def _token_embedding(nodes: list[Node]) -> str | None:
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    ids = inputs[0] if inputs else None
+    for n in nodes:
+        if n.op == "call_function" and n.target is aten.embedding.default:
+            indices = n.args[1]
+            seen, frontier = set(), [indices]
+            while frontier:
+                cur = frontier.pop()
+                if cur is ids:
+                    return _attr(n.args[0])
+                if isinstance(cur, Node) and cur not in seen and cur.op == "call_function":
+                    seen.add(cur)
+                    frontier.extend(a for a in cur.all_input_nodes)
+    return None

@@ -1,0 +1,166 @@
+"""The ``peftc`` command line: check, inspect, compile, export."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from .diagnostics import SpecError
+from .errors import PeftcError
+from .models import DEFAULT_MODEL
+
+MANIFEST = "peftc.json"
+SPEC_FILE = "spec.peft"
+TOLERANCE = 1e-4
+
+
+@contextlib.contextmanager
+def step(message: str):
+    """Show a long step as it starts and how long it took."""
+    print(f"{message} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"{message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def cmd_check(args) -> int:
+    from .spec import parse_file
+    spec = parse_file(args.spec)
+    print(spec.format(), end="")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .compiled import prepare
+    with step(f"loading and capturing {args.model}"):
+        prepared = prepare(args.model)
+    sites = prepared.sites
+    rows = [{"path": s.path, "role": s.role, "layer": s.layer, "kind": s.kind,
+             "in_features": s.in_features, "out_features": s.out_features,
+             "bias": s.bias is not None} for s in sites.linears]
+    if args.json:
+        print(json.dumps({"model": args.model, "kind": prepared.captured.kind, "layers": sites.n_layers,
+                          "attentions": sites.attention_count, "linears": rows}, indent=2))
+        return 0
+    print(f"{args.model}: {prepared.captured.kind}, {sites.n_layers} layers, {sites.attention_count} attentions, "
+          f"{len(rows)} linears")
+    width = max(len(r["path"]) for r in rows) if rows else 4
+    print(f"{'layer':>5}  {'role':<5}  {'module path':<{width}}  {'shape (out x in)':>16}  kind")
+    for r in rows:
+        layer = "-" if r["layer"] is None else r["layer"]
+        shape = f"{r['out_features']} x {r['in_features']}"
+        print(f"{layer:>5}  {r['role'] or '?':<5}  {r['path']:<{width}}  {shape:>16}  {r['kind']}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .compiled import compile_prepared, prepare
+    from .fsutil import write_json, write_text
+    from .spec import parse_file
+    spec = parse_file(args.spec)
+    with step(f"loading and capturing {args.model}"):
+        prepared = prepare(args.model)
+    with step(f"compiling {args.spec}"):
+        model = compile_prepared(prepared, spec)
+    out = Path(args.out)
+    report = model.report()
+    model.save_hf_peft(out)
+    write_text(out / SPEC_FILE, spec.format())
+    write_text(out / "report.txt", str(report) + "\n")
+    write_text(out / "graph.txt", model.dump_graph())
+    write_json(out / MANIFEST, {"model": args.model, "spec": SPEC_FILE, "kind": model.kind,
+                                "report": report.to_dict()})
+    print(report)
+    print(f"\nwrote {out}/: adapter_config.json, adapter_model.safetensors, {SPEC_FILE}, report.txt, "
+          f"graph.txt, {MANIFEST}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+    from .compiled import compile as compile_model, op_histogram
+    from .models import load_model
+    from .onnx_export import export_onnx
+    from .spec import parse_file
+    directory = Path(args.dir)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise PeftcError(f"{directory} has no {MANIFEST}: make it with 'peftc compile SPEC --out {directory}'")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    ref = args.model or manifest["model"]
+    with step(f"loading {ref}"):
+        base_model = load_model(ref)
+    with step("compiling and loading the adapter"):
+        model = compile_model(base_model, parse_file(directory / manifest["spec"]))
+        model.load_adapter(directory)
+    with step("merging"):
+        merged = model.merge()
+    ids = torch.randint(0, min(base_model.config.vocab_size, 1000), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merge_diff = (merged(ids) - model(ids)).abs().max().item()
+    print(f"merged vs unmerged logits: max abs diff {merge_diff:.3g}")
+    with step(f"exporting {args.onnx}"):
+        result = export_onnx(merged, args.onnx)
+    print(result)
+    ok = result.max_abs_diff is not None and result.max_abs_diff <= TOLERANCE
+    if args.compare_base:
+        base = compile_model(base_model, "")
+        same_graph = op_histogram(base.graph_module) == op_histogram(merged.graph_module)
+        print(f"merged graph ops equal the base graph's: {'yes' if same_graph else 'NO'}")
+        base_path = Path(args.onnx).with_name(Path(args.onnx).stem + ".base.onnx")
+        with step(f"exporting the base model to {base_path} for comparison"):
+            base_result = export_onnx(base, base_path, verify=False)
+        equal = base_result.op_counts == result.op_counts
+        print(f"ONNX operator counts, merged vs base: {'equal' if equal else 'DIFFERENT'} "
+              f"({sum(result.op_counts.values())} vs {sum(base_result.op_counts.values())} nodes)")
+        for op in sorted(set(result.op_counts) | set(base_result.op_counts)):
+            a, b = result.op_counts.get(op, 0), base_result.op_counts.get(op, 0)
+            print(f"  {op:<20} {a:>6} {b:>6}{'' if a == b else '  <-'}")
+        ok = ok and equal and same_graph
+    if not ok:
+        print(f"export check failed (tolerance {TOLERANCE})", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="parse a spec file; print it normalized, or its errors")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("inspect", help="list a model's linears with their role, layer and shape")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("compile", help="compile a model with a spec; write the adapter and a report")
+    p.add_argument("spec")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", required=True, help="directory for the adapter, report and graph dump")
+    p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("export", help="merge a compiled adapter and export verified ONNX")
+    p.add_argument("dir", help="a directory written by 'peftc compile'")
+    p.add_argument("--onnx", required=True, help="the .onnx file to write")
+    p.add_argument("--model", default=None, help="override the model named in the directory")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also export the base model and compare operator counts")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except (PeftcError, FileNotFoundError, IsADirectoryError) as exc:
+        print(f"peftc: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

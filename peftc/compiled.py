@@ -1,0 +1,204 @@
+"""``peftc.compile`` and :class:`CompiledModel`, the trainable rewritten model."""
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .analysis import ModelSites, analyze
+from .capture import capture
+from .models import load_model
+from .passmanager import META_KEY, CompileContext, PassManager, load_passes
+from .spec import Spec, parse, parse_file
+
+aten = torch.ops.aten
+
+
+def compile(model: nn.Module | str, spec: Spec | str | Path, *, filename: str | None = None) -> "CompiledModel":
+    """Capture ``model`` (a transformers model or a model reference) and rewrite it with ``spec``
+    (a parsed Spec, spec text, or a path to a spec file)."""
+    return compile_prepared(prepare(model), spec, filename=filename)
+
+
+@dataclass
+class Prepared:
+    """A captured and analysed model, ready for one compile."""
+    captured: object
+    sites: ModelSites
+    ref: str
+    timings: dict[str, float]
+
+
+def prepare(model: nn.Module | str) -> Prepared:
+    ref = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or type(model).__name__
+    timings: dict[str, float] = {}
+    if isinstance(model, str):
+        start = time.perf_counter()
+        model = load_model(model)
+        timings["load"] = time.perf_counter() - start
+    captured = capture(model)
+    timings["capture"] = captured.seconds
+    start = time.perf_counter()
+    sites = analyze(captured.gm)
+    timings["analysis"] = time.perf_counter() - start
+    return Prepared(captured, sites, ref, timings)
+
+
+def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: str | None = None) -> "CompiledModel":
+    if isinstance(spec, Path):
+        spec = parse_file(spec)
+    elif isinstance(spec, str):
+        spec = parse(spec, filename)
+    captured = prepared.captured
+    ctx = CompileContext(gm=captured.gm, sites=prepared.sites, spec=spec, kind=captured.kind)
+    start = time.perf_counter()
+    gm = PassManager(ctx).run()
+    timings = dict(prepared.timings, passes=time.perf_counter() - start)
+    return CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
+                         config=captured.config, model_ref=prepared.ref, timings=timings)
+
+
+def op_histogram(gm: GraphModule) -> Counter:
+    """Counts of call_function targets, the measure "the merged graph equals the base graph" uses."""
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+class CompiledModel(nn.Module):
+    """A rewritten model: call it with ``input_ids`` (and optionally ``attention_mask``) for logits, or
+    for the last hidden state of an encoder. Only the inserted parameters require gradients."""
+
+    def __init__(self, gm: GraphModule, *, spec: Spec, sites: ModelSites, records: list, kind: str,
+                 config, model_ref: str, timings: dict[str, float] | None = None):
+        super().__init__()
+        self.graph_module = gm
+        self.spec = spec
+        self.sites = sites
+        self.records = records
+        self.kind = kind
+        self.config = config
+        self.model_ref = model_ref
+        self.timings = dict(timings or {})
+        self.training = False
+        self._set_dropout(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.graph_module(input_ids, attention_mask)
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """Switch dropout (captured and inserted) between training and inference behaviour."""
+        self.training = mode
+        self._set_dropout(mode)
+        return self
+
+    def _set_dropout(self, mode: bool) -> None:
+        changed = False
+        for node in self.graph_module.graph.nodes:
+            if node.op == "call_function" and node.target is aten.dropout.default and node.args[2] != mode:
+                node.args = (node.args[0], node.args[1], mode)
+                changed = True
+        if changed:
+            self.graph_module.recompile()
+
+    # --- what was inserted -------------------------------------------------------------------------
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Inserted parameters by a stable name: ``<module path>.<method>.<name>``."""
+        out = {}
+        for record in self.records:
+            for name, param in record.parameters(self.graph_module).items():
+                out[f"{record.site.path}.{name}"] = param
+        return out
+
+    def report(self) -> "Report":
+        return Report.of(self)
+
+    def dump_graph(self) -> str:
+        """The rewritten graph, one node a line; inserted nodes are marked with their pass and span."""
+        lines = []
+        for node in self.graph_module.graph.nodes:
+            tag = node.meta.get(META_KEY)
+            mark = f"+ [{tag['pass']} @ {tag['span']}]" if tag else " "
+            lines.append(f"{mark} {node.format_node()}")
+        return "\n".join(lines) + "\n"
+
+    # --- fold and interchange ----------------------------------------------------------------------
+    def merge(self) -> "CompiledModel":
+        """A copy with every foldable adapter folded into the base weights (checked for NaN/inf first)."""
+        registry = load_passes()
+        gm = copy.deepcopy(self.graph_module)
+        kept = []
+        for record in self.records:
+            fold = getattr(registry[record.method], "fold", None)
+            if fold is None:
+                kept.append(record)
+                continue
+            fold(gm, record)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        merged = CompiledModel(gm, spec=self.spec, sites=self.sites, records=kept, kind=self.kind,
+                               config=self.config, model_ref=self.model_ref)
+        merged.train(self.training)
+        return merged
+
+    def save_hf_peft(self, directory: str | Path) -> Path:
+        from .hf_peft import save_hf_peft
+        return save_hf_peft(self, directory)
+
+    def load_adapter(self, directory: str | Path) -> "CompiledModel":
+        from .hf_peft import load_adapter_weights
+        load_adapter_weights(self, directory)
+        return self
+
+
+@dataclass
+class Report:
+    statements: list[tuple[str, int, int]]              # (statement text, sites, trainable)
+    layers: dict[str, list[int]]                         # layer label -> trainable per statement
+    trainable: int
+    total: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: CompiledModel) -> "Report":
+        n = len(model.spec.statements)
+        per_statement = [[0, 0] for _ in range(n)]
+        layers: dict[str, list[int]] = {}
+        for record in model.records:
+            count = sum(p.numel() for p in record.parameters(model.graph_module).values())
+            per_statement[record.statement][0] += 1
+            per_statement[record.statement][1] += count
+            label = "-" if record.site.layer is None else str(record.site.layer)
+            layers.setdefault(label, [0] * n)[record.statement] += count
+        params = list(model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        rows = [(str(s), sites, count) for s, (sites, count) in zip(model.spec.statements, per_statement)]
+        ordered = dict(sorted(layers.items(), key=lambda kv: (kv[0] == "-", int(kv[0]) if kv[0] != "-" else 0)))
+        return cls(rows, ordered, trainable, sum(p.numel() for p in params), dict(model.timings))
+
+    def to_dict(self) -> dict:
+        return {"statements": [{"statement": s, "sites": n, "trainable": c} for s, n, c in self.statements],
+                "layers": self.layers, "trainable": self.trainable, "total": self.total,
+                "timings_s": {k: round(v, 4) for k, v in self.timings.items()}}
+
+    def __str__(self) -> str:
+        width = max([len("statement")] + [len(s) for s, _, _ in self.statements])
+        lines = [f"{'#':>2}  {'statement':<{width}}  {'sites':>5}  {'trainable':>11}"]
+        for i, (text, sites, count) in enumerate(self.statements, 1):
+            lines.append(f"{i:>2}  {text:<{width}}  {sites:>5}  {count:>11,}")
+        if self.layers:
+            heads = "".join(f"  {'#' + str(i):>9}" for i in range(1, len(self.statements) + 1))
+            lines += ["", f"{'layer':>5}{heads}  {'total':>9}"]
+            for label, counts in self.layers.items():
+                cells = "".join(f"  {c:>9,}" for c in counts)
+                lines.append(f"{label:>5}{cells}  {sum(counts):>9,}")
+        lines += ["", f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+                      f"trainable%: {100 * self.trainable / max(self.total, 1):.4f}"]
+        return "\n".join(lines)

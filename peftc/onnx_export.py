@@ -1,0 +1,146 @@
+"""Export to ONNX with dynamic batch and sequence axes, check it, run it in ONNX Runtime, compare."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .capture import dynamic_shapes, example_inputs, max_positions
+from .errors import ExportError
+from .fsutil import atomic_path
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    max_abs_diff: float | None
+    op_counts: Counter
+    provider: str | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    size_bytes: int = 0
+
+    def __str__(self) -> str:
+        diff = "not verified" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
+        return (f"wrote {self.path} ({self.size_bytes / 2**20:.1f} MiB, {sum(self.op_counts.values())} nodes); "
+                f"ONNX Runtime ({self.provider}) vs torch max abs diff: {diff}")
+
+
+def providers() -> list[str]:
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def onnx_op_counts(path: str | Path) -> Counter:
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def _verify_inputs(module) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab = getattr(getattr(module, "config", None), "vocab_size", 32) or 32
+    ids, mask = example_inputs(batch=3, seq=11, vocab=min(vocab, 1000), seed=1)
+    mask[0, :3] = 0          # a padded row, so the mask path is exercised too
+    return ids, mask
+
+
+def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = True,
+                external_data: bool | None = None) -> ExportResult:
+    """Export ``module`` (a CompiledModel, merged or not, or any module taking input_ids and
+    attention_mask) to ``path``. Runs onnx.checker and, with ``verify``, ONNX Runtime against torch."""
+    import onnx
+    path = Path(path)
+    config = getattr(module, "config", None)
+    ids, mask = example_inputs(vocab=min(getattr(config, "vocab_size", 32) or 32, 32))
+    seconds: dict[str, float] = {}
+    was_training = module.training
+    module.eval()
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            ep = torch.export.export(module, (ids, mask), strict=False,
+                                     dynamic_shapes=dynamic_shapes(max_positions(config) if config else 8192))
+        seconds["capture"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with _quiet():
+            program = torch.onnx.export(ep, (ids, mask), dynamo=True, input_names=["input_ids", "attention_mask"],
+                                        output_names=["output"])
+        seconds["convert"] = time.perf_counter() - start
+    except Exception as exc:
+        raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
+    finally:
+        module.train(was_training)
+    start = time.perf_counter()
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    use_external = size > 1 << 30 if external_data is None else external_data
+    data_name = path.name + ".data"
+    with atomic_path(path) as tmp:
+        if use_external:
+            program.save(str(tmp), external_data=True)
+            produced = tmp.with_name(tmp.name + ".data")
+            _rename_external(tmp, produced, path.parent / data_name, data_name)
+        else:
+            program.save(str(tmp), external_data=False)
+        onnx.checker.check_model(str(tmp))
+    seconds["save"] = time.perf_counter() - start
+    total = path.stat().st_size + ((path.parent / data_name).stat().st_size if use_external else 0)
+    result = ExportResult(path=path, max_abs_diff=None, op_counts=onnx_op_counts(path), provider=None,
+                          seconds=seconds, size_bytes=total)
+    if verify:
+        start = time.perf_counter()
+        result.max_abs_diff, result.provider = verify_onnx(module, path)
+        seconds["verify"] = time.perf_counter() - start
+    return result
+
+
+def _rename_external(model_path: Path, produced: Path, final: Path, data_name: str) -> None:
+    """Point the model's external-data entries at ``data_name`` and move the data file into place."""
+    import onnx
+    model = onnx.load(str(model_path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    onnx.save(model, str(model_path))
+    produced.replace(final)
+
+
+def verify_onnx(module: torch.nn.Module, path: str | Path) -> tuple[float, str]:
+    """Max abs difference between ONNX Runtime and torch on inputs of a shape not used in capture,
+    over the positions the attention mask keeps."""
+    import onnxruntime as ort
+    ids, mask = _verify_inputs(module)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        expected = module(ids, mask).float().numpy()
+    module.train(was_training)
+    chosen = providers()
+    session = ort.InferenceSession(str(path), providers=chosen)
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ExportError(f"{path}: ONNX Runtime output shape {got.shape} != torch {expected.shape}")
+    real = mask.numpy().astype(bool)        # padded positions attend to nothing: their output is undefined
+    return float(np.abs(got - expected)[real].max()), session.get_providers()[0]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress lines and registration warnings; keep the user's terminal for ours."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

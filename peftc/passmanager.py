@@ -1,0 +1,116 @@
+"""The pass manager: one pass per spec statement, looked up in a registry keyed by the DSL keyword.
+
+A pass is a small class with ``keyword`` and ``run(ctx, statement) -> PassResult``. Every node it inserts
+is tagged through :meth:`CompileContext.tag` with the pass and the statement's span. After each pass the
+graph is linted and recompiled; a failure is reported as "error in pass X (file:line:col) after [A, B]"."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .analysis import ModelSites
+from .diagnostics import SpecError
+from .errors import PassError, PeftcError
+
+META_KEY = "peftc"
+
+
+@dataclass
+class PassResult:
+    graph_module: GraphModule
+    modified: bool
+
+
+@dataclass
+class CompileContext:
+    gm: GraphModule
+    sites: ModelSites
+    spec: Any                       # peftc.spec.Spec
+    kind: str                       # "causal-lm" or "encoder"
+    records: list = field(default_factory=list)   # what each pass inserted, in order
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def tag(self, node: Node, keyword: str, statement, index: int) -> Node:
+        span = statement.span
+        node.meta[META_KEY] = {"pass": keyword, "statement": index,
+                               "span": f"{span.filename or '<spec>'}:{span.line}:{span.column}"}
+        return node
+
+    def add_module(self, name: str, module: torch.nn.Module) -> str:
+        self.gm.add_submodule(name, module)
+        return name
+
+
+class Pass:
+    """Base class of rewrite passes; subclasses set ``keyword`` and implement ``run``."""
+    keyword: ClassVar[str]
+    #: lower runs earlier; passes of equal rank run in spec order
+    rank: ClassVar[int] = 50
+
+    def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
+        raise PassError(f"pass {type(self).__name__} does not implement run()")
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    if cls.keyword in REGISTRY:
+        raise PassError(f"two passes registered for '{cls.keyword}'")
+    REGISTRY[cls.keyword] = cls
+    return cls
+
+
+def load_passes() -> dict[str, type[Pass]]:
+    """Import every module of the ``peftc.passes`` package so each registers itself."""
+    package = importlib.import_module("peftc.passes")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"peftc.passes.{info.name}")
+    return REGISTRY
+
+
+def order(statements) -> list[tuple[int, Any]]:
+    """Deterministic order: by pass rank, then by position in the spec."""
+    registry = load_passes()
+    indexed = list(enumerate(statements))
+    return sorted(indexed, key=lambda item: (registry[item[1].method].rank
+                                             if item[1].method in registry else 100, item[0]))
+
+
+class PassManager:
+    def __init__(self, ctx: CompileContext):
+        self.ctx = ctx
+        self.done: list[str] = []
+
+    def run(self) -> GraphModule:
+        registry = load_passes()
+        spec = self.ctx.spec
+        for index, statement in order(spec.statements):
+            if statement.method not in registry:
+                raise SpecError.at(statement.span, f"'{statement.method}' is not supported yet: "
+                                   "it parses and validates, but no pass compiles it in this version",
+                                   spec.source)
+        for index, statement in order(spec.statements):
+            pass_ = registry[statement.method]()
+            span = statement.span
+            where = f"{span.filename or '<spec>'}:{span.line}:{span.column}"
+            start = time.perf_counter()
+            try:
+                result = pass_.run(self.ctx, statement, index)
+                self.ctx.gm = result.graph_module
+                self.ctx.gm.graph.lint()
+                self.ctx.gm.recompile()
+            except (SpecError, PeftcError):
+                raise
+            except Exception as exc:
+                raise PassError(f"error in pass '{statement.method}' ({where}) after "
+                                f"[{', '.join(self.done)}]: {type(exc).__name__}: {exc}") from exc
+            self.ctx.timings[f"{statement.method}@{where}"] = time.perf_counter() - start
+            self.done.append(statement.method)
+        return self.ctx.gm

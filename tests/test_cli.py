@@ -1,0 +1,73 @@
+import json
+
+from peft import PeftModel
+
+import peftc
+from peftc.cli import main
+
+
+def test_check_prints_normalized_spec(tmp_path, capsys):
+    spec = tmp_path / "ok.peft"
+    spec.write_text("lora q,v r=8 alpha=16 ; # two statements on one line\nquant nf4 base\n")
+    assert main(["check", str(spec)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("lora q, v r=8 alpha=16")
+    assert out[1].startswith("quant nf4 base")
+
+
+def test_check_reports_errors_with_exit_status_1(tmp_path, capsys):
+    spec = tmp_path / "bad.peft"
+    spec.write_text("lora q aplha=16\nlroa v\n")
+    assert main(["check", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert f"{spec}:1:8:" in err and "did you mean 'alpha'" in err
+    assert f"{spec}:2:1:" in err and "did you mean 'lora'" in err
+
+
+def test_check_missing_file(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "nope.peft")]) == 1
+    assert "nope.peft" in capsys.readouterr().err
+
+
+def test_inspect_lists_linears_with_roles(capsys):
+    assert main(["inspect", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-llama: causal-lm, 4 layers, 4 attentions, 29 linears" in out
+    assert any(line.split()[:4] == ["0", "k", "model.layers.0.self_attn.k_proj", "32"]
+               for line in out.splitlines())
+    assert main(["inspect", "tiny-llama", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {r["role"] for r in data["linears"]} == {"q", "k", "v", "o", "gate", "up", "down", "head"}
+
+
+def test_inspect_unknown_model_is_a_clear_error(capsys):
+    assert main(["inspect", "no-such-model"]) == 1
+    assert "peftc: error: unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_compile_then_export_round_trip(tmp_path, capsys):
+    spec = tmp_path / "s.peft"
+    spec.write_text("lora q, v r=4 alpha=8\n")
+    out = tmp_path / "run"
+    assert main(["compile", str(spec), "--model", "tiny-llama", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable params: 3,584" in printed
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                              "spec.peft", "report.txt", "graph.txt", "peftc.json"}
+    assert "+ [lora @" in (out / "graph.txt").read_text()
+    PeftModel.from_pretrained(peftc.load_model("tiny-llama"), str(out))     # HF PEFT accepts the files
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(out), "--onnx", str(onnx_path), "--compare-base"]) == 0
+    printed = capsys.readouterr().out
+    assert "ONNX operator counts, merged vs base: equal" in printed
+    assert "merged graph ops equal the base graph's: yes" in printed
+    assert onnx_path.is_file()
+
+
+def test_compile_error_leaves_no_output(tmp_path, capsys):
+    spec = tmp_path / "s.peft"
+    spec.write_text("lora gate r=4\n")
+    out = tmp_path / "run"
+    assert main(["compile", str(spec), "--model", "tiny-bert", "--out", str(out)]) == 1
+    assert "the model has no 'gate' linears" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,57 @@
+import onnx
+import pytest
+import torch
+
+import peftc
+from peftc.onnx_export import onnx_op_counts
+from conftest import randomize_adapters
+
+
+@pytest.fixture(scope="module")
+def merged_and_base():
+    model = peftc.compile(peftc.load_model("tiny-llama"), "lora q, v, down r=4 alpha=8")
+    randomize_adapters(model)
+    return model, model.merge(), peftc.compile(peftc.load_model("tiny-llama"), "")
+
+
+def test_merged_onnx_matches_torch_and_base_operator_counts(merged_and_base, tmp_path):
+    _, merged, base = merged_and_base
+    result = peftc.export_onnx(merged, tmp_path / "merged.onnx")
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    assert result.provider == "CPUExecutionProvider"
+    base_result = peftc.export_onnx(base, tmp_path / "base.onnx", verify=False)
+    assert result.op_counts == base_result.op_counts
+    graph = onnx.load(str(tmp_path / "merged.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    dims = [d for d in graph.input[0].type.tensor_type.shape.dim]
+    assert all(d.dim_param for d in dims)              # batch and sequence are dynamic
+
+
+def test_unmerged_onnx_keeps_the_lora_branch(merged_and_base, tmp_path):
+    model, _, _ = merged_and_base
+    result = peftc.export_onnx(model, tmp_path / "unmerged.onnx")
+    assert result.max_abs_diff <= 1e-4
+    base_counts = onnx_op_counts(peftc.export_onnx(merged_and_base[2], tmp_path / "b.onnx", verify=False).path)
+    assert result.op_counts["MatMul"] > base_counts["MatMul"]
+
+
+def test_external_data_and_atomic_write(merged_and_base, tmp_path):
+    _, merged, _ = merged_and_base
+    target = tmp_path / "ext.onnx"
+    result = peftc.export_onnx(merged, target, external_data=True)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    assert result.max_abs_diff <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]
+
+
+def test_failed_export_leaves_existing_file(tmp_path):
+    target = tmp_path / "keep.onnx"
+    target.write_bytes(b"previous")
+
+    class NotAModel(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            raise ValueError("cannot trace me")
+
+    with pytest.raises(peftc.ExportError, match="cannot trace me"):
+        peftc.export_onnx(NotAModel(), target)
+    assert target.read_bytes() == b"previous"
