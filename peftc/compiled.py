@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,9 @@ class CompiledModel(nn.Module):
     def merge(self) -> "CompiledModel":
         """A copy with every foldable adapter folded into the base weights (checked for NaN/inf first)."""
         registry = load_passes()
-        gm = copy.deepcopy(self.graph_module)
+        with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            gm = copy.deepcopy(self.graph_module)
         kept = []
         for record in self.records:
             fold = getattr(registry[record.method], "fold", None)
@@ -140,7 +143,6 @@ class CompiledModel(nn.Module):
                 kept.append(record)
                 continue
             fold(gm, record)
-        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
         merged = CompiledModel(gm, spec=self.spec, sites=self.sites, records=kept, kind=self.kind,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -23,6 +24,15 @@ def _key(path: str, name: str) -> str:
     return f"{KEY_PREFIX}{path}.{name}.weight"
 
 
+def _hf_alpha(record, use_rslora: bool) -> float:
+    """The lora_alpha that gives ``record``'s scale under HF PEFT's single ``use_rslora`` flag: a site whose
+    statement disagrees with the flag gets its alpha rescaled by sqrt(r), which yields the same scale."""
+    if record.rslora == use_rslora:
+        return record.alpha
+    root = math.sqrt(record.r)
+    return record.alpha * root if record.rslora else record.alpha / root
+
+
 def save_hf_peft(model, directory: str | Path) -> Path:
     """Write the LoRA adapters of a compiled model in HF PEFT's format."""
     records = model.records
@@ -33,9 +43,8 @@ def save_hf_peft(model, directory: str | Path) -> Path:
         raise AdapterError(f"HF PEFT's adapter format holds one method; this model also has {', '.join(others)}")
     first = records[0]
     rank_pattern = {re.escape(r.site.path): r.r for r in records if r.r != first.r}
-    alpha_pattern = {re.escape(r.site.path): r.alpha for r in records if r.alpha != first.alpha}
-    if len({r.rslora for r in records}) > 1:
-        raise AdapterError("HF PEFT's format has one use_rslora flag; the lora statements disagree")
+    alpha_pattern = {re.escape(r.site.path): _hf_alpha(r, first.rslora) for r in records
+                     if _hf_alpha(r, first.rslora) != first.alpha}
     config = {
         "peft_type": "LORA", "task_type": TASK_TYPES[model.kind],
         "base_model_name_or_path": model.model_ref, "r": first.r, "lora_alpha": first.alpha,
