@@ -31,6 +31,8 @@ class LoraWeights(nn.Module):
             nn.init.normal_(self.lora_A, std=1 / r)
         else:  # HF PEFT's default: kaiming-uniform A, zero B
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "random":  # HF PEFT's init_lora_weights=False: B as well keeps nn.Linear's init
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
 
 
 @dataclass
@@ -42,6 +44,7 @@ class LoraRecord:
     alpha: float
     dropout: float
     rslora: bool
+    init: str = "zero"
     nodes: list[str] = field(default_factory=list)   # inserted nodes, in graph order; the last is the sum
     method: str = "lora"
 
@@ -70,7 +73,7 @@ class LoraPass(Pass):
             x = linear.args[0] if site.kind == "linear" else linear.args[1]
             record = LoraRecord(statement=index, site=site, module=f"peftc_lora_{_count(ctx)}",
                                 r=opts["r"], alpha=float(opts["alpha"]), dropout=float(opts["dropout"]),
-                                rslora=bool(opts["rslora"]))
+                                rslora=bool(opts["rslora"]), init=opts["init"])
             ctx.add_module(record.module, LoraWeights(site.in_features, site.out_features,
                                                       record.r, opts["init"]))
             with graph.inserting_before(linear.next):

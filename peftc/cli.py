@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .diagnostics import SpecError
+from .diagnostics import SpecError, did_you_mean
 from .errors import PeftcError
 from .models import DEFAULT_MODEL
 
@@ -30,6 +30,54 @@ def cmd_check(args) -> int:
     from .spec import parse_file
     spec = parse_file(args.spec)
     print(spec.format(), end="")
+    return 0
+
+
+def method_reference(keyword: str | None = None) -> str:
+    """The spec language's methods and options, from their one declaration in peftc/methods.py."""
+    from .methods import METHODS, ROLES, TYPE_WORDS
+    from .passmanager import load_passes
+    built = load_passes()
+    if keyword is not None and keyword not in METHODS:
+        hint = did_you_mean(keyword, METHODS)
+        raise PeftcError(f"unknown method '{keyword}'; {hint + ' ' if hint else ''}methods: {', '.join(METHODS)}")
+    lines = []
+    for method in METHODS.values():
+        if keyword is not None and method.keyword != keyword:
+            continue
+        shape = method.keyword + (f" {{{'|'.join(method.leading.choices)}}}" if method.leading else "")
+        shape += {"required": " TARGETS", "optional": " [TARGETS]", "none": ""}[method.targets]
+        status = "compiles" if method.keyword in built else "parses and validates; compiling it is not supported yet"
+        lines.append(f"{shape} [OPTIONS]   ({status})")
+        lines.append(f"    {method.help}")
+        if method.default_targets:
+            lines.append(f"    default targets: {', '.join(method.default_targets)}")
+        for option in method.options:
+            default = "not set" if option.default is None else option.format(option.default)
+            lines.append(f"    {option.name + '=':<14}{TYPE_WORDS[option.type]}{_constraint(option)}, "
+                         f"{'required' if option.required else 'default ' + default}")
+            lines.append(f"    {'':<14}{option.help}")
+        lines.append("")
+    if keyword is None:
+        lines.append("role words (found from the model's dataflow, not from module names):")
+        lines += [f"    {word:<11}{text}" for word, text in ROLES.items()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _constraint(option) -> str:
+    if option.choices is not None:
+        each = str if option.type == "names" else option.format
+        return " (" + " | ".join(each(c) for c in option.choices) + ")"
+    bounds = []
+    if option.min is not None:
+        bounds.append(f"{'>' if option.min_open else '>='} {option.min:g}")
+    if option.max is not None:
+        bounds.append(f"{'<' if option.max_open else '<='} {option.max:g}")
+    return f" ({', '.join(bounds)})" if bounds else ""
+
+
+def cmd_methods(args) -> int:
+    print(method_reference(args.method), end="")
     return 0
 
 
@@ -108,6 +156,9 @@ def cmd_export(args) -> int:
     ok = result.max_abs_diff is not None and result.max_abs_diff <= TOLERANCE
     if args.compare_base:
         base = compile_model(base_model, "")
+        with torch.no_grad():
+            effect = (base(ids) - merged(ids)).abs().max().item()
+        print(f"merged vs base logits: max abs diff {effect:.3g} (what the adapter changes)")
         same_graph = op_histogram(base.graph_module) == op_histogram(merged.graph_module)
         print(f"merged graph ops equal the base graph's: {'yes' if same_graph else 'NO'}")
         base_path = Path(args.onnx).with_name(Path(args.onnx).stem + ".base.onnx")
@@ -131,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="parse a spec file; print it normalized, or its errors")
     p.add_argument("spec")
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("methods", help="list the spec language's methods with their options and defaults")
+    p.add_argument("method", nargs="?", default=None)
+    p.set_defaults(func=cmd_methods)
     p = sub.add_parser("inspect", help="list a model's linears with their role, layer and shape")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -14,6 +14,8 @@ from .fsutil import load_tensors, save_tensors, write_json
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+#: lora's init= option as HF PEFT's init_lora_weights
+INIT_LORA_WEIGHTS = {"zero": True, "gaussian": "gaussian", "random": False}
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 #: adapter_config fields peftc does not implement; a file that sets them is refused, not half-loaded
 UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "target_parameters": None,
@@ -52,7 +54,7 @@ def save_hf_peft(model, directory: str | Path) -> Path:
         "target_modules": sorted({r.site.path for r in records}),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",
         "fan_in_fan_out": any(r.site.kind == "conv1d" for r in records),
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": INIT_LORA_WEIGHTS[first.init], "inference_mode": True, "modules_to_save": None,
     }
     tensors = {}
     for record in records:

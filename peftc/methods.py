@@ -128,8 +128,10 @@ _METHODS = (
                    min=0, max=1, max_open=True),
         OptionSpec("rslora", "bool", False, "rank-stabilised scale alpha/sqrt(r) (use_rslora)"),
         OptionSpec("init", "name", "zero", "zero: A Kaiming-uniform and B zero (init_lora_weights=True); "
-                   "gaussian: A normal(0, 1/r) and B zero (init_lora_weights=\"gaussian\")",
-                   choices=("zero", "gaussian")),
+                   "gaussian: A normal(0, 1/r) and B zero (init_lora_weights=\"gaussian\"); random: A and B "
+                   "both Kaiming-uniform, so a fresh adapter already changes the model (init_lora_weights="
+                   "False, for checking merge and export before training)",
+                   choices=("zero", "gaussian", "random")),
         LAYERS, EXCLUDE), targets="required"),
     MethodSpec("quant", "quantize the frozen base linears: NF4 (QLoRA) or int8", (
         OptionSpec("block", "int", 64, "weights per absmax block (nf4): a power of two from 16 to 4096, "

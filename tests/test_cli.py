@@ -71,3 +71,19 @@ def test_compile_error_leaves_no_output(tmp_path, capsys):
     assert main(["compile", str(spec), "--model", "tiny-bert", "--out", str(out)]) == 1
     assert "the model has no 'gate' linears" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_methods_lists_every_declared_option(capsys):
+    from peftc.methods import METHODS
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line and not line.startswith(" ")]
+    assert headers[0] == "lora TARGETS [OPTIONS]   (compiles)"
+    assert headers[1].startswith("quant {nf4|int8} [TARGETS] [OPTIONS]   (parses and validates; compiling")
+    for method in METHODS.values():
+        assert main(["methods", method.keyword]) == 0
+        section = capsys.readouterr().out
+        for option in method.options:
+            assert f"    {option.name}=" in section
+    assert main(["methods", "lorra"]) == 1
+    assert "unknown method 'lorra'; did you mean 'lora'?" in capsys.readouterr().err

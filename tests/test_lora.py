@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -134,3 +136,17 @@ def test_report_per_statement_and_layer(tiny):
     assert [(s, n) for _, s, n in report.statements] == [(2, 2 * 2 * (64 + 64)), (1, 4 * (64 + 32))]
     assert report.layers == {"0": [256, 0], "1": [256, 0], "3": [0, 384]}
     assert report.trainable == 896
+
+
+@pytest.mark.parametrize("init, hf_value", [("zero", True), ("gaussian", "gaussian"), ("random", False)])
+def test_init_option_matches_hf_peft_init_lora_weights(tiny, tmp_path, init, hf_value):
+    torch.manual_seed(0)
+    model = peftc.compile(tiny("tiny-llama"), f"lora q, v r=4 init={init}")
+    ids = token_ids()
+    with torch.no_grad():
+        moved = (model(ids) - tiny("tiny-llama")(input_ids=ids).logits).abs().max().item()
+    assert (moved > 1e-3) == (init == "random")      # only init=random starts away from the base model
+    model.save_hf_peft(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == hf_value
+    b = torch.cat([p.flatten() for n, p in model.adapter_parameters().items() if n.endswith("lora_B")])
+    assert (b.abs().max() > 0) == (init == "random")

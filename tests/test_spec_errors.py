@@ -43,8 +43,8 @@ MISTAKES = [
     ("lora q layers=-1", 1, 15, "layer indices cannot be negative, got '-1'", None),
     ("lora q layers=0.5", 1, 15, "option 'layers' of lora expects layer indices and ranges such as 0..3,8, "
      "got '0.5'", None),
-    ("lora q init=xavier", 1, 13, "option 'init' of lora must be one of zero, gaussian, got 'xavier'", None),
-    ("lora q init=gausian", 1, 13, "option 'init' of lora must be one of zero, gaussian, got 'gausian'",
+    ("lora q init=xavier", 1, 13, "option 'init' of lora must be one of zero, gaussian, random, got 'xavier'", None),
+    ("lora q init=gausian", 1, 13, "option 'init' of lora must be one of zero, gaussian, random, got 'gausian'",
      "did you mean 'gaussian'?"),
     ("lora q rslora=maybe", 1, 15, "option 'rslora' of lora expects true or false, got 'maybe'", None),
     ("lora q rslora=ture", 1, 15, "option 'rslora' of lora expects true or false, got 'ture'",
