@@ -112,7 +112,7 @@ def cmd_compile(args) -> int:
     with step(f"loading and capturing {args.model}"):
         prepared = prepare(args.model)
     with step(f"compiling {args.spec}"):
-        model = compile_prepared(prepared, spec)
+        model = compile_prepared(prepared, spec, seed=args.seed)
     out = Path(args.out)
     report = model.report()
     model.save_hf_peft(out)
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", required=True, help="directory for the adapter, report and graph dump")
+    p.add_argument("--seed", type=int, default=0, help="seed for the inserted weights' initialisation (default 0)")
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("export", help="merge a compiled adapter and export verified ONNX")
     p.add_argument("dir", help="a directory written by 'peftc compile'")

@@ -21,10 +21,13 @@ from .spec import Spec, parse, parse_file
 aten = torch.ops.aten
 
 
-def compile(model: nn.Module | str, spec: Spec | str | Path, *, filename: str | None = None) -> "CompiledModel":
+def compile(model: nn.Module | str, spec: Spec | str | Path, *, filename: str | None = None,
+            seed: int | None = None) -> "CompiledModel":
     """Capture ``model`` (a transformers model or a model reference) and rewrite it with ``spec``
-    (a parsed Spec, spec text, or a path to a spec file)."""
-    return compile_prepared(prepare(model), spec, filename=filename)
+    (a parsed Spec, spec text, or a path to a spec file). With ``seed``, the inserted weights are
+    initialised from that seed (torch's global generator is left as it was); without, from torch's
+    global generator, as HF PEFT does."""
+    return compile_prepared(prepare(model), spec, filename=filename, seed=seed)
 
 
 @dataclass
@@ -51,7 +54,8 @@ def prepare(model: nn.Module | str) -> Prepared:
     return Prepared(captured, sites, ref, timings)
 
 
-def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: str | None = None) -> "CompiledModel":
+def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: str | None = None,
+                     seed: int | None = None) -> "CompiledModel":
     if isinstance(spec, Path):
         spec = parse_file(spec)
     elif isinstance(spec, str):
@@ -59,7 +63,10 @@ def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: s
     captured = prepared.captured
     ctx = CompileContext(gm=captured.gm, sites=prepared.sites, spec=spec, kind=captured.kind)
     start = time.perf_counter()
-    gm = PassManager(ctx).run()
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        gm = PassManager(ctx).run()
     timings = dict(prepared.timings, passes=time.perf_counter() - start)
     return CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
                          config=captured.config, model_ref=prepared.ref, timings=timings)

@@ -150,3 +150,16 @@ def test_init_option_matches_hf_peft_init_lora_weights(tiny, tmp_path, init, hf_
     assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == hf_value
     b = torch.cat([p.flatten() for n, p in model.adapter_parameters().items() if n.endswith("lora_B")])
     assert (b.abs().max() > 0) == (init == "random")
+
+
+def test_seed_makes_initialisation_reproducible_and_leaves_global_rng(tiny):
+    def a_weights(model):
+        return torch.cat([p.detach().flatten() for n, p in model.adapter_parameters().items() if n.endswith("lora_A")])
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = a_weights(peftc.compile(tiny("tiny-llama"), "lora q r=4", seed=7))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(first, a_weights(peftc.compile(tiny("tiny-llama"), "lora q r=4", seed=7)))
+    assert not torch.equal(first, a_weights(peftc.compile(tiny("tiny-llama"), "lora q r=4", seed=8)))
+    unseeded = a_weights(peftc.compile(tiny("tiny-llama"), "lora q r=4"))
+    assert not torch.equal(unseeded, a_weights(peftc.compile(tiny("tiny-llama"), "lora q r=4")))
