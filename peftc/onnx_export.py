@@ -26,9 +26,13 @@ class ExportResult:
     provider: str | None
     seconds: dict[str, float] = field(default_factory=dict)
     size_bytes: int = 0
+    #: the largest |output| torch gave on the verification inputs, to read the difference against
+    reference_absmax: float | None = None
 
     def __str__(self) -> str:
         diff = "not verified" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
+        if self.max_abs_diff is not None and self.reference_absmax:
+            diff += f" (outputs up to {self.reference_absmax:.3g} in magnitude)"
         return (f"wrote {self.path} ({self.size_bytes / 2**20:.1f} MiB, {sum(self.op_counts.values())} nodes); "
                 f"ONNX Runtime ({self.provider}) vs torch max abs diff: {diff}")
 
@@ -96,7 +100,7 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
                           seconds=seconds, size_bytes=total)
     if verify:
         start = time.perf_counter()
-        result.max_abs_diff, result.provider = verify_onnx(module, path)
+        result.max_abs_diff, result.provider, result.reference_absmax = verify_onnx(module, path)
         seconds["verify"] = time.perf_counter() - start
     return result
 
@@ -113,9 +117,9 @@ def _rename_external(model_path: Path, produced: Path, final: Path, data_name: s
     produced.replace(final)
 
 
-def verify_onnx(module: torch.nn.Module, path: str | Path) -> tuple[float, str]:
+def verify_onnx(module: torch.nn.Module, path: str | Path) -> tuple[float, str, float]:
     """Max abs difference between ONNX Runtime and torch on inputs of a shape not used in capture,
-    over the positions the attention mask keeps."""
+    over the positions the attention mask keeps; the provider used; torch's largest |output| there."""
     import onnxruntime as ort
     ids, mask = _verify_inputs(module)
     was_training = module.training
@@ -129,7 +133,8 @@ def verify_onnx(module: torch.nn.Module, path: str | Path) -> tuple[float, str]:
     if got.shape != expected.shape:
         raise ExportError(f"{path}: ONNX Runtime output shape {got.shape} != torch {expected.shape}")
     real = mask.numpy().astype(bool)        # padded positions attend to nothing: their output is undefined
-    return float(np.abs(got - expected)[real].max()), session.get_providers()[0]
+    return (float(np.abs(got - expected)[real].max()), session.get_providers()[0],
+            float(np.abs(expected[real]).max()))
 
 
 @contextlib.contextmanager

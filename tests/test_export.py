@@ -25,6 +25,15 @@ def test_merged_onnx_matches_torch_and_base_operator_counts(merged_and_base, tmp
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     dims = [d for d in graph.input[0].type.tensor_type.shape.dim]
     assert all(d.dim_param for d in dims)              # batch and sequence are dynamic
+    assert result.reference_absmax > 100 * result.max_abs_diff
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(tmp_path / "merged.onnx"), providers=["CPUExecutionProvider"])
+    for batch, seq in [(1, 5), (4, 23)]:                # shapes the export never saw
+        ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        mask = torch.ones_like(ids)
+        got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        with torch.no_grad():
+            assert abs(got - merged(ids, mask).numpy()).max() <= 1e-4
 
 
 def test_unmerged_onnx_keeps_the_lora_branch(merged_and_base, tmp_path):
