@@ -1,7 +1,10 @@
 """``lora``: y = W x + s · B(A(dropout(x))), s = alpha/r (alpha/sqrt(r) with rslora), B zero-initialised.
 
 Inserted as aten ops after each selected linear; the A and B matrices live in a small module
-``peftc_lora_<i>`` on the graph module. ``fold`` merges s·B·A into the base weight and removes the branch."""
+``peftc_lora_<i>`` on the graph module. On a fused projection (GPT-2's c_attn, Phi-3's qkv_proj), role
+words adapt only their output slices: each role gets its own rank-r LoRA, which together are one LoRA
+on the module with a block-diagonal B (how HF PEFT's files hold it). Several LoRAs on one linear chain
+their sums. ``fold`` merges s·B·A into the base weight and removes the branch."""
 from __future__ import annotations
 
 import math
@@ -15,24 +18,84 @@ from peftc.analysis import LinearSite
 from peftc.diagnostics import SpecError
 from peftc.errors import PassError
 from peftc.passmanager import CompileContext, Pass, PassResult, register
-from peftc.select import select_linears
+from peftc.select import Selection, select
 
 aten = torch.ops.aten
 
 
 class LoraWeights(nn.Module):
-    """The two low-rank factors of one LoRA site, shaped as in HF PEFT (A: r×in, B: out×r)."""
+    """The low-rank factors of one LoRA site. A whole linear has A: r×in and B: out×r, as in HF PEFT.
+    Slices of a fused projection (roles 1..n) have one rank-r LoRA each, stored stacked: A is (n·r)×in
+    and B is (Σ out_i)×r; ``perm`` places the block-diagonal B_full = diag(B_1..B_n) on the right rows."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, init: str):
+    def __init__(self, in_features: int, out_features: int, blocks: list[tuple[str, tuple[int, ...]]],
+                 r: int, init: str):
         super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
+        rows = sum(len(features) for _, features in blocks)
+        self.lora_A = nn.Parameter(torch.empty(r * len(blocks), in_features))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r))
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / r)
         else:  # HF PEFT's default: kaiming-uniform A, zero B
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if init == "random":  # HF PEFT's init_lora_weights=False: B as well keeps nn.Linear's init
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        if blocks[0][0]:   # slices of a fused projection
+            perm = torch.full((out_features,), rows, dtype=torch.long)   # row `rows` is all zeros
+            offset = 0
+            for _, features in blocks:
+                perm[list(features)] = torch.arange(offset, offset + len(features))
+                offset += len(features)
+            self.register_buffer("perm", perm)
+
+
+def full_b(b: torch.Tensor, perm: torch.Tensor, sizes: list[int], r: int, ops=None):
+    """B_full (out × n·r) from the stacked per-role B ((Σ out_i) × r): block-diagonal, rows placed by
+    ``perm``. ``ops`` emits the same computation as graph nodes (see ``_GraphOps``)."""
+    ops = ops or _EagerOps()
+    n, pieces, offset = len(sizes), [], 0
+    for i, size in enumerate(sizes):
+        block = ops.slice(b, offset, offset + size)
+        pieces.append(ops.pad(block, [i * r, (n - 1 - i) * r]))
+        offset += size
+    stacked = ops.pad(ops.cat(pieces), [0, 0, 0, 1])             # one zero row for unadapted features
+    return ops.index_select(stacked, perm)
+
+
+class _EagerOps:
+    def slice(self, x, start, stop):
+        return x[start:stop]
+
+    def pad(self, x, pad):
+        return torch.nn.functional.pad(x, pad)
+
+    def cat(self, xs):
+        return torch.cat(xs, 0)
+
+    def index_select(self, x, index):
+        return x.index_select(0, index)
+
+
+class _GraphOps:
+    def __init__(self, graph, emitted: list):
+        self.graph, self.emitted = graph, emitted
+
+    def _call(self, target, args):
+        node = self.graph.call_function(target, args)
+        self.emitted.append(node)
+        return node
+
+    def slice(self, x, start, stop):
+        return self._call(aten.slice.Tensor, (x, 0, start, stop))
+
+    def pad(self, x, pad):
+        return self._call(aten.constant_pad_nd.default, (x, pad, 0.0))
+
+    def cat(self, xs):
+        return self._call(aten.cat.default, (xs, 0))
+
+    def index_select(self, x, index):
+        return self._call(aten.index_select.default, (x, 0, index))
 
 
 @dataclass
@@ -45,6 +108,8 @@ class LoraRecord:
     dropout: float
     rslora: bool
     init: str = "zero"
+    roles: tuple[str, ...] | None = None              # slices of a fused projection; None: the whole linear
+    blocks: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)   # inserted nodes, in graph order; the last is the sum
     method: str = "lora"
 
@@ -52,9 +117,49 @@ class LoraRecord:
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    @property
+    def key(self) -> str:
+        """The site's name in ``adapter_parameters()``: the module path, with the roles for slices."""
+        return self.site.path if self.roles is None else f"{self.site.path}[{','.join(self.roles)}]"
+
+    @property
+    def hf_rank(self) -> int:
+        """The rank of this LoRA as one dense LoRA on the module (what HF PEFT's files hold)."""
+        return self.r * len(self.blocks)
+
     def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
         weights = gm.get_submodule(self.module)
         return {"lora_A": weights.lora_A, "lora_B": weights.lora_B}
+
+    def factors(self, gm: GraphModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B_full) of the equivalent dense LoRA on the whole module: delta W = scale · B_full · A."""
+        weights = gm.get_submodule(self.module)
+        a, b = weights.lora_A.detach(), weights.lora_B.detach()
+        if self.roles is None:
+            return a, b
+        return a, full_b(b, weights.perm, [len(f) for _, f in self.blocks], self.r)
+
+    def load_factors(self, gm: GraphModule, a: torch.Tensor, b_full: torch.Tensor) -> None:
+        """Set the weights from a dense (A, B_full); B_full must be zero outside this LoRA's blocks."""
+        weights = gm.get_submodule(self.module)
+        if self.roles is None:
+            stacked = b_full
+        else:
+            rows = [b_full[list(f), i * self.r:(i + 1) * self.r] for i, (_, f) in enumerate(self.blocks)]
+            stacked = torch.cat(rows, 0)
+            rebuilt = full_b(stacked, weights.perm, [len(f) for _, f in self.blocks], self.r)
+            if not torch.equal(rebuilt, b_full):
+                raise PassError(f"the LoRA B of {self.site.path} is non-zero outside the "
+                                f"{', '.join(self.roles)} slices this spec adapts")
+        with torch.no_grad():
+            weights.lora_A.copy_(a.to(weights.lora_A.dtype))
+            weights.lora_B.copy_(stacked.to(weights.lora_B.dtype))
+
+    def delta(self, gm: GraphModule) -> torch.Tensor:
+        """scale · B_full · A, shaped like the module's weight (in×out for a Conv1D)."""
+        a, b = self.factors(gm)
+        delta = self.scale * (b @ a)
+        return delta.T if self.site.kind == "conv1d" else delta
 
 
 @register
@@ -64,35 +169,44 @@ class LoraPass(Pass):
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         opts = statement.options
-        sites = select_linears(statement, ctx.sites, ctx.spec)
-        _check_overlap(ctx, statement, sites)
+        selections = select(statement, ctx.sites, ctx.spec)
+        _check_overlap(ctx, statement, selections)
         graph = ctx.gm.graph
         nodes = {n.name: n for n in graph.nodes}
-        for site in sites:
+        for selection in selections:
+            site = selection.site
             linear = nodes[site.node]
             x = linear.args[0] if site.kind == "linear" else linear.args[1]
             record = LoraRecord(statement=index, site=site, module=f"peftc_lora_{_count(ctx)}",
                                 r=opts["r"], alpha=float(opts["alpha"]), dropout=float(opts["dropout"]),
-                                rslora=bool(opts["rslora"]), init=opts["init"])
-            ctx.add_module(record.module, LoraWeights(site.in_features, site.out_features,
+                                rslora=bool(opts["rslora"]), init=opts["init"], roles=selection.roles,
+                                blocks=selection.features())
+            ctx.add_module(record.module, LoraWeights(site.in_features, site.out_features, record.blocks,
                                                       record.r, opts["init"]))
-            with graph.inserting_before(linear.next):
+            tip = _tip(ctx, nodes, site)
+            with graph.inserting_before(tip.next):
                 a = graph.get_attr(f"{record.module}.lora_A")
                 b = graph.get_attr(f"{record.module}.lora_B")
-                h = x
                 inserted = [a, b]
+                if record.roles is not None:
+                    perm = graph.get_attr(f"{record.module}.perm")
+                    inserted.append(perm)
+                    b = full_b(b, perm, [len(f) for _, f in record.blocks], record.r,
+                               ops=_GraphOps(graph, inserted))
+                h = x
                 if record.dropout > 0:
                     h = graph.call_function(aten.dropout.default, (x, record.dropout, False))
                     inserted.append(h)
                 down = graph.call_function(aten.linear.default, (h, a))
                 up = graph.call_function(aten.linear.default, (down, b))
                 scaled = graph.call_function(aten.mul.Tensor, (up, record.scale))
-                total = graph.call_function(aten.add.Tensor, (linear, scaled))
+                total = graph.call_function(aten.add.Tensor, (tip, scaled))
                 inserted += [down, up, scaled, total]
-            linear.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+            tip.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
             for node in inserted:
                 ctx.tag(node, self.keyword, statement, index)
             record.nodes = [n.name for n in inserted]
+            nodes.update({n.name: n for n in inserted})
             ctx.records.append(record)
         return PassResult(ctx.gm, modified=True)
 
@@ -101,12 +215,9 @@ class LoraPass(Pass):
         """Merge one LoRA site into its base weight and remove the branch from ``gm``."""
         nodes = {n.name: n for n in gm.graph.nodes}
         linear = nodes[record.site.node]
-        weights = gm.get_submodule(record.module)
-        delta = record.scale * (weights.lora_B.detach() @ weights.lora_A.detach())
-        if record.site.kind == "conv1d":
-            delta = delta.T
+        delta = record.delta(gm)
         if not torch.isfinite(delta).all():
-            raise PassError(f"LoRA weights of {record.site.path} contain NaN or inf; refusing to merge")
+            raise PassError(f"LoRA weights of {record.key} contain NaN or inf; refusing to merge")
         weight_node = linear.args[1] if record.site.kind == "linear" else linear.args[2]
         merged = nn.Parameter(gm.get_parameter(weight_node.target).detach() + delta, requires_grad=False)
         if len(weight_node.users) > 1:   # a tied weight: give this linear its own merged copy
@@ -119,21 +230,28 @@ class LoraPass(Pass):
             owner, _, name = weight_node.target.rpartition(".")
             setattr(gm.get_submodule(owner), name, merged)
         total = nodes[record.nodes[-1]]
-        total.replace_all_uses_with(linear)
+        total.replace_all_uses_with(total.args[0])
         for name in reversed(record.nodes):
             gm.graph.erase_node(nodes[name])
         gm.delete_submodule(record.module)
+
+
+def _tip(ctx: CompileContext, nodes: dict, site: LinearSite):
+    """The node that currently carries the linear's output: the sum of the last LoRA on it, or itself."""
+    earlier = [r for r in ctx.records if r.method == "lora" and r.site.node == site.node]
+    return nodes[earlier[-1].nodes[-1]] if earlier else nodes[site.node]
 
 
 def _count(ctx: CompileContext) -> int:
     return sum(1 for r in ctx.records if r.method == "lora")
 
 
-def _check_overlap(ctx: CompileContext, statement, sites: list[LinearSite]) -> None:
-    taken = {r.site.node: r for r in ctx.records if r.method == "lora"}
-    for site in sites:
-        if site.node in taken:
-            first = ctx.spec.statements[taken[site.node].statement]
-            raise SpecError.at(statement.span, f"this lora statement adapts {site.path} again; "
-                               f"line {first.span.line} (column {first.span.column}) already does",
-                               ctx.spec.source)
+def _check_overlap(ctx: CompileContext, statement, selections: list[Selection]) -> None:
+    taken = [r for r in ctx.records if r.method == "lora"]
+    for selection in selections:
+        for record in taken:
+            if selection.overlaps(Selection(record.site, record.roles)):
+                first = ctx.spec.statements[record.statement]
+                raise SpecError.at(statement.span, f"this lora statement adapts {selection} again; "
+                                   f"line {first.span.line} (column {first.span.column}) already does",
+                                   ctx.spec.source)

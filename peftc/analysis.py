@@ -20,6 +20,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .capture import module_path, module_type, strip_prefix
+from .slices import Probe, support
 
 aten = torch.ops.aten
 LINEAR_OPS = {aten.linear.default, aten.addmm.default}
@@ -28,7 +29,7 @@ ACTIVATION_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.
                   aten.sigmoid.default, aten.silu_.default, aten.relu_.default}
 ATTENTION_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("gate", "up", "down")
-ROLE_ORDER = ATTENTION_ROLES + FFN_ROLES + ("qkv", "head")
+ROLE_ORDER = ATTENTION_ROLES + FFN_ROLES + ("qkv", "qk", "qv", "kv", "gate_up", "head")
 
 
 @dataclass
@@ -42,7 +43,13 @@ class LinearSite:
     out_features: int
     layer: int | None         # transformer block index, None outside blocks
     module_type: str | None
-    role: str | None = None   # q k v o gate up down head qkv, or None when unlabelled
+    role: str | None = None   # q k v o gate up down head, a fused qkv/gate_up, or None when unlabelled
+    #: for a fused projection: the output features (rows of W) computing each role
+    slices: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.slices)
 
 
 @dataclass
@@ -130,18 +137,26 @@ def analyze(gm: GraphModule) -> ModelSites:
 
     attentions = [n for n in nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
     labels: dict[str, set[str]] = {}
+    feeds: dict[str, dict[str, list[Node]]] = {}
     for attn in attentions:
         for role, arg in zip("qkv", attn.args[:3]):
             for name in feeding(arg):
                 labels.setdefault(name, set()).add(role)
+                feeds.setdefault(name, {}).setdefault(role, []).append(arg)
         for n in reach(attn):
             if n.name in by_node:
                 labels.setdefault(n.name, set()).add("o")
+    probes = []
     for name, roles in labels.items():
-        by_node[name].role = roles.pop() if len(roles) == 1 else "qkv" if roles <= set("qkv") else None
+        if len(roles) == 1:
+            by_node[name].role = roles.pop()
+        elif roles <= set("qkv"):
+            by_node[name].role = "".join(r for r in "qkv" if r in roles)
+            probes.append(Probe(name, feeds[name]))
 
     node_of = {n.name: n for n in linear_nodes}
-    _label_ffn(sites, lambda s: reach(node_of[s.node]), reach)
+    probes += _label_ffn(sites, lambda s: reach(node_of[s.node]), reach, node_of)
+    _apply_slices(support(probes, gm, _vocab(gm)), by_node)
     output = next(n for n in nodes if n.op == "output")
     for s in sites:
         if s.role is None and s.layer is None and output in reach(node_of[s.node]):
@@ -151,10 +166,12 @@ def analyze(gm: GraphModule) -> ModelSites:
                       attention_count=len(attentions), by_node=by_node)
 
 
-def _label_ffn(sites: list[LinearSite], site_reach, reach) -> None:
+def _label_ffn(sites: list[LinearSite], site_reach, reach, node_of) -> list[Probe]:
+    """Label gate/up/down; return probes for projections that may be a fused gate+up."""
     site_of = {s.node: s for s in sites}
     reached: dict[str, set[str]] = {}
     through_act: dict[str, set[str]] = {}
+    acts_of: dict[str, list[Node]] = {}
     for s in sites:
         node_reach = site_reach(s)
         reached[s.node] = {n.name for n in node_reach if n.name in site_of}
@@ -163,6 +180,8 @@ def _label_ffn(sites: list[LinearSite], site_reach, reach) -> None:
         for act in acts:
             after |= {n.name for n in reach(act) if n.name in site_of}
         through_act[s.node] = after & reached[s.node]
+        acts_of[s.node] = acts
+    probes = []
     for s in sites:
         if s.role is not None:
             continue
@@ -177,6 +196,38 @@ def _label_ffn(sites: list[LinearSite], site_reach, reach) -> None:
         s.role = "gate" if partners else "up"
         for p in partners:
             p.role = "up"
+        if not partners:   # up -> act -> down, or a fused gate+up whose up half bypasses the activation
+            down_input = _linear_input(node_of[down.node])
+            gate_inputs = [a.args[0] for a in acts_of[s.node] if isinstance(a.args[0], Node)]
+            probes.append(Probe(s.node, {"gate": gate_inputs, "all": [down_input]}))
+    return probes
+
+
+def _linear_input(node: Node) -> Node:
+    return node.args[0] if node.target is aten.linear.default else node.args[1]
+
+
+def _vocab(gm: GraphModule) -> int:
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is aten.embedding.default:
+            return int(n.args[0].meta["val"].shape[0])
+    return 32
+
+
+def _apply_slices(found: dict[str, dict[str, set[int]]], by_node: dict[str, LinearSite]) -> None:
+    """Record each fused projection's per-role output features; a probe that shows a plain up projection
+    (every feature through the activation) or overlapping roles records nothing."""
+    for name, roles in found.items():
+        site = by_node[name]
+        if "all" in roles:
+            gate, up = roles["gate"], roles["all"] - roles["gate"]
+            if gate and up:
+                site.role, site.slices = "gate_up", {"gate": tuple(sorted(gate)), "up": tuple(sorted(up))}
+            continue
+        sets = list(roles.values())
+        disjoint = sum(len(x) for x in sets) == len(set().union(*sets))
+        if disjoint and all(sets):
+            site.slices = {role: tuple(sorted(features)) for role, features in roles.items()}
 
 
 def _token_embedding(nodes: list[Node]) -> str | None:

@@ -83,12 +83,14 @@ def cmd_methods(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .compiled import prepare
+    from .slices import describe, ranges
     with step(f"loading and capturing {args.model}"):
         prepared = prepare(args.model)
     sites = prepared.sites
     rows = [{"path": s.path, "role": s.role, "layer": s.layer, "kind": s.kind,
-             "in_features": s.in_features, "out_features": s.out_features,
-             "bias": s.bias is not None} for s in sites.linears]
+             "in_features": s.in_features, "out_features": s.out_features, "bias": s.bias is not None,
+             "slices": {role: ranges(features) for role, features in (s.slices or {}).items()}}
+            for s in sites.linears]
     if args.json:
         print(json.dumps({"model": args.model, "kind": prepared.captured.kind, "layers": sites.n_layers,
                           "attentions": sites.attention_count, "linears": rows}, indent=2))
@@ -96,11 +98,13 @@ def cmd_inspect(args) -> int:
     print(f"{args.model}: {prepared.captured.kind}, {sites.n_layers} layers, {sites.attention_count} attentions, "
           f"{len(rows)} linears")
     width = max(len(r["path"]) for r in rows) if rows else 4
-    print(f"{'layer':>5}  {'role':<5}  {'module path':<{width}}  {'shape (out x in)':>16}  kind")
-    for r in rows:
+    print(f"{'layer':>5}  {'role':<7}  {'module path':<{width}}  {'shape (out x in)':>16}  {'kind':<6}  "
+          "fused slices (output rows)")
+    for r, site in zip(rows, sites.linears):
         layer = "-" if r["layer"] is None else r["layer"]
         shape = f"{r['out_features']} x {r['in_features']}"
-        print(f"{layer:>5}  {r['role'] or '?':<5}  {r['path']:<{width}}  {shape:>16}  {r['kind']}")
+        fused = " | ".join(f"{role} {describe(f)}" for role, f in (site.slices or {}).items())
+        print(f"{layer:>5}  {r['role'] or '?':<7}  {r['path']:<{width}}  {shape:>16}  {r['kind']:<6}  {fused}".rstrip())
     return 0
 
 
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the spec language's methods with their options and defaults")
     p.add_argument("method", nargs="?", default=None)
     p.set_defaults(func=cmd_methods)
-    p = sub.add_parser("inspect", help="list a model's linears with their role, layer and shape")
+    p = sub.add_parser("inspect", help="list a model's linears with their role, layer, shape and fused slices")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)

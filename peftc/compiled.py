@@ -14,6 +14,7 @@ from torch.fx import GraphModule
 
 from .analysis import ModelSites, analyze
 from .capture import capture
+from .memory import WeightBytes
 from .models import load_model
 from .passmanager import META_KEY, CompileContext, PassManager, load_passes
 from .spec import Spec, parse, parse_file
@@ -117,11 +118,12 @@ class CompiledModel(nn.Module):
 
     # --- what was inserted -------------------------------------------------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """Inserted parameters by a stable name: ``<module path>.<method>.<name>``."""
+        """Inserted parameters by a stable name: ``<module path>.<name>``, with ``[roles]`` after the
+        path for the slices of a fused projection (``transformer.h.0.attn.c_attn[q,v].lora_A``)."""
         out = {}
         for record in self.records:
             for name, param in record.parameters(self.graph_module).items():
-                out[f"{record.site.path}.{name}"] = param
+                out[f"{getattr(record, 'key', record.site.path)}.{name}"] = param
         return out
 
     def report(self) -> "Report":
@@ -174,6 +176,8 @@ class Report:
     trainable: int
     total: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: bytes of the base weights by precision, and of the adapters
+    memory: WeightBytes | None = None
 
     @classmethod
     def of(cls, model: CompiledModel) -> "Report":
@@ -190,12 +194,16 @@ class Report:
         trainable = sum(p.numel() for p in params if p.requires_grad)
         rows = [(str(s), sites, count) for s, (sites, count) in zip(model.spec.statements, per_statement)]
         ordered = dict(sorted(layers.items(), key=lambda kv: (kv[0] == "-", int(kv[0]) if kv[0] != "-" else 0)))
-        return cls(rows, ordered, trainable, sum(p.numel() for p in params), dict(model.timings))
+        memory = WeightBytes.of(model.graph_module)
+        # quantized weights are buffers; "all params" counts them, as HF PEFT counts its 4-bit weights
+        total = sum(p.numel() for p in params) + memory.quantized_weights
+        return cls(rows, ordered, trainable, total, dict(model.timings), memory)
 
     def to_dict(self) -> dict:
         return {"statements": [{"statement": s, "sites": n, "trainable": c} for s, n, c in self.statements],
                 "layers": self.layers, "trainable": self.trainable, "total": self.total,
-                "timings_s": {k: round(v, 4) for k, v in self.timings.items()}}
+                "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+                **({"memory": self.memory.to_dict()} if self.memory else {})}
 
     def __str__(self) -> str:
         width = max([len("statement")] + [len(s) for s, _, _ in self.statements])
@@ -208,6 +216,8 @@ class Report:
             for label, counts in self.layers.items():
                 cells = "".join(f"  {c:>9,}" for c in counts)
                 lines.append(f"{label:>5}{cells}  {sum(counts):>9,}")
+        if self.memory:
+            lines += [""] + self.memory.lines()
         lines += ["", f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
                       f"trainable%: {100 * self.trainable / max(self.total, 1):.4f}"]
         return "\n".join(lines)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 import re
 from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
+from .errors import AdapterError, PassError
 from .fsutil import load_tensors, save_tensors, write_json
 
 CONFIG = "adapter_config.json"
@@ -26,40 +27,84 @@ def _key(path: str, name: str) -> str:
     return f"{KEY_PREFIX}{path}.{name}.weight"
 
 
-def _hf_alpha(record, use_rslora: bool) -> float:
-    """The lora_alpha that gives ``record``'s scale under HF PEFT's single ``use_rslora`` flag: a site whose
-    statement disagrees with the flag gets its alpha rescaled by sqrt(r), which yields the same scale."""
-    if record.rslora == use_rslora:
-        return record.alpha
-    root = math.sqrt(record.r)
-    return record.alpha * root if record.rslora else record.alpha / root
+@dataclass
+class ModuleLora:
+    """All LoRAs of one module as the single dense LoRA HF PEFT's files hold: A (rank×in), B (out×rank)
+    and the rank and alpha that give ``scale`` under the file's ``use_rslora``. One LoRA on a whole module
+    is written as it is; slices of a fused projection, or several statements on one module, become
+    A = [A_1; A_2; ...] and a block-structured B = [B_1·s_1/s, B_2·s_2/s, ...] with s the first scale."""
+    path: str
+    records: list
+    rank: int
+    alpha: float
+
+    @classmethod
+    def of(cls, path: str, records: list, use_rslora: bool) -> "ModuleLora":
+        if len(records) == 1 and records[0].roles is None:
+            record = records[0]
+            if record.rslora == use_rslora:
+                return cls(path, records, record.r, record.alpha)
+            root = math.sqrt(record.r)   # the statement disagrees with the flag: same scale, other alpha
+            return cls(path, records, record.r, record.alpha * root if record.rslora else record.alpha / root)
+        rank = sum(r.hf_rank for r in records)
+        scale = records[0].scale
+        return cls(path, records, rank, scale * (math.sqrt(rank) if use_rslora else rank))
+
+    def tensors(self, gm) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.records[0].scale
+        pairs = [r.factors(gm) for r in self.records]
+        a = torch.cat([a for a, _ in pairs], 0)
+        b = torch.cat([b * (r.scale / scale) if r.scale != scale else b
+                       for r, (_, b) in zip(self.records, pairs)], 1)
+        return a.contiguous(), b.contiguous()
+
+    def load(self, gm, a: torch.Tensor, b: torch.Tensor, file_scale: float) -> None:
+        row = 0
+        for record in self.records:
+            rank = record.hf_rank
+            part_b = b[:, row:row + rank]
+            if record.scale != file_scale:
+                part_b = part_b * (file_scale / record.scale)
+            record.load_factors(gm, a[row:row + rank], part_b)
+            row += rank
+
+
+def module_loras(model, use_rslora: bool) -> list[ModuleLora]:
+    groups: dict[str, list] = {}
+    for record in model.records:
+        if record.method == "lora":
+            groups.setdefault(record.site.path, []).append(record)
+    return [ModuleLora.of(path, records, use_rslora) for path, records in groups.items()]
 
 
 def save_hf_peft(model, directory: str | Path) -> Path:
     """Write the LoRA adapters of a compiled model in HF PEFT's format."""
-    records = model.records
+    # records without weights (a quantized base) are not adapters: the file holds the LoRA on top of them
+    records = [r for r in model.records if r.parameters(model.graph_module)]
     if not records:
         raise AdapterError("the model has no adapters to save")
     others = sorted({r.method for r in records if r.method != "lora"})
     if others:
         raise AdapterError(f"HF PEFT's adapter format holds one method; this model also has {', '.join(others)}")
     first = records[0]
-    rank_pattern = {re.escape(r.site.path): r.r for r in records if r.r != first.r}
-    alpha_pattern = {re.escape(r.site.path): _hf_alpha(r, first.rslora) for r in records
-                     if _hf_alpha(r, first.rslora) != first.alpha}
+    modules = module_loras(model, first.rslora)
+    base = modules[0]
     config = {
         "peft_type": "LORA", "task_type": TASK_TYPES[model.kind],
-        "base_model_name_or_path": model.model_ref, "r": first.r, "lora_alpha": first.alpha,
+        "base_model_name_or_path": model.model_ref, "r": base.rank, "lora_alpha": base.alpha,
         "lora_dropout": first.dropout, "use_rslora": first.rslora,
-        "target_modules": sorted({r.site.path for r in records}),
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",
+        "target_modules": sorted(m.path for m in modules),
+        "rank_pattern": {re.escape(m.path): m.rank for m in modules if m.rank != base.rank},
+        "alpha_pattern": {re.escape(m.path): m.alpha for m in modules if m.alpha != base.alpha},
+        "bias": "none",
         "fan_in_fan_out": any(r.site.kind == "conv1d" for r in records),
         "init_lora_weights": INIT_LORA_WEIGHTS[first.init], "inference_mode": True, "modules_to_save": None,
     }
     tensors = {}
-    for record in records:
-        for name, param in record.parameters(model.graph_module).items():
-            tensors[_key(record.site.path, name)] = param
+    for module in modules:
+        a, b = module.tensors(model.graph_module)
+        tensors[_key(module.path, "lora_A")] = a
+        tensors[_key(module.path, "lora_B")] = b
     directory = Path(directory)
     save_tensors(directory / WEIGHTS, tensors, metadata={"format": "pt"})
     write_json(directory / CONFIG, config)
@@ -134,30 +179,35 @@ def spec_text_for(config: dict, sites) -> str:
 
 
 def load_adapter_weights(model, directory: str | Path) -> None:
-    """Copy LoRA weights from an HF PEFT adapter directory into the matching sites of ``model``."""
+    """Copy LoRA weights from an HF PEFT adapter directory into the matching sites of ``model``, keeping
+    the function the file describes (its scale is read from its config)."""
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise AdapterError(f"{path} does not exist")
+    config = read_config(directory)
     tensors = load_tensors(path)
-    expected = {}
-    for record in model.records:
-        if record.method != "lora":
-            continue
-        for name, param in record.parameters(model.graph_module).items():
-            expected[_key(record.site.path, name)] = param
+    modules = module_loras(model, bool(config.get("use_rslora")))
+    expected = {_key(m.path, n): m for m in modules for n in ("lora_A", "lora_B")}
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unknown or missing:
         raise AdapterError(f"{path} does not fit the compiled model: "
                            f"unexpected keys {unknown[:3]}{'...' if len(unknown) > 3 else ''}, "
                            f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    for key, param in expected.items():
-        value = tensors[key]
-        if tuple(value.shape) != tuple(param.shape):
-            raise AdapterError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects "
-                               f"{tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
+    for module in modules:
+        a, b = tensors[_key(module.path, "lora_A")], tensors[_key(module.path, "lora_B")]
+        site = module.records[0].site
+        want_a, want_b = (module.rank, site.in_features), (site.out_features, module.rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise AdapterError(f"{path}: the LoRA of {module.path} has A {tuple(a.shape)} and B "
+                               f"{tuple(b.shape)}; the compiled model expects A {want_a} and B {want_b}")
+        rank = _pattern(config.get("rank_pattern") or {}, module.path, config.get("r", 8))
+        alpha = _pattern(config.get("alpha_pattern") or {}, module.path, config.get("lora_alpha", 8))
+        file_scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        try:
+            module.load(model.graph_module, a, b, file_scale)
+        except PassError as exc:
+            raise AdapterError(f"{path}: {exc}") from exc
 
 
 def load_hf_peft(model, directory: str | Path):

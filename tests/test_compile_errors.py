@@ -20,12 +20,14 @@ def test_layers_outside_the_model(tiny):
     assert err.value.line == 1
 
 
-def test_fused_projection_role_points_to_the_path(tiny):
-    with pytest.raises(peftc.SpecError) as err:
-        peftc.compile(tiny("tiny-gpt2"), "lora q, v r=2")
-    assert (err.value.line, err.value.column) == (1, 6)
-    assert "transformer.h.0.attn.c_attn" in str(err.value)
-    assert '"transformer.h.*.attn.c_attn"' in str(err.value)
+def test_overlapping_slices_of_a_fused_projection_name_both_lines(tiny):
+    with pytest.raises(peftc.SpecError, match=r"adapts transformer.h.0.attn.c_attn \[v\] again; line 1") as err:
+        peftc.compile(tiny("tiny-gpt2"), "lora q, v r=2\nlora v r=4")
+    assert (err.value.line, err.value.column) == (2, 1)
+    with pytest.raises(peftc.SpecError, match="adapts transformer.h.0.attn.c_attn again; line 1") as err:
+        peftc.compile(tiny("tiny-gpt2"), 'lora q r=2\nlora "transformer.h.0.attn.c_attn"\nlora k r=4')
+    assert err.value.line == 2
+    assert len(peftc.compile(tiny("tiny-gpt2"), "lora q r=2\nlora k r=4").records) == 8   # disjoint slices
 
 
 def test_encoder_has_no_gate(tiny):
