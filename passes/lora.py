@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from peftc.analysis import LinearSite
+from peftc.analysis import LinearSite, input_of, weight_of
 from peftc.diagnostics import SpecError
 from peftc.errors import PassError
 from peftc.passmanager import CompileContext, Pass, PassResult, register
@@ -176,7 +176,7 @@ class LoraPass(Pass):
         for selection in selections:
             site = selection.site
             linear = nodes[site.node]
-            x = linear.args[0] if site.kind == "linear" else linear.args[1]
+            x = input_of(linear, site.kind)
             record = LoraRecord(statement=index, site=site, module=f"peftc_lora_{_count(ctx)}",
                                 r=opts["r"], alpha=float(opts["alpha"]), dropout=float(opts["dropout"]),
                                 rslora=bool(opts["rslora"]), init=opts["init"], roles=selection.roles,
@@ -218,14 +218,14 @@ class LoraPass(Pass):
         delta = record.delta(gm)
         if not torch.isfinite(delta).all():
             raise PassError(f"LoRA weights of {record.key} contain NaN or inf; refusing to merge")
-        weight_node = linear.args[1] if record.site.kind == "linear" else linear.args[2]
+        reader, weight_node = weight_of(linear, record.site.kind)
         merged = nn.Parameter(gm.get_parameter(weight_node.target).detach() + delta, requires_grad=False)
         if len(weight_node.users) > 1:   # a tied weight: give this linear its own merged copy
             target = f"{record.module}_merged_weight"
             gm.register_parameter(target, merged)
             with gm.graph.inserting_before(weight_node.next):
                 own = gm.graph.get_attr(target)
-            linear.replace_input_with(weight_node, own)
+            reader.replace_input_with(weight_node, own)
         else:
             owner, _, name = weight_node.target.rpartition(".")
             setattr(gm.get_submodule(owner), name, merged)

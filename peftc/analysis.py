@@ -23,7 +23,6 @@ from .capture import module_path, module_type, strip_prefix
 from .slices import Probe, support
 
 aten = torch.ops.aten
-LINEAR_OPS = {aten.linear.default, aten.addmm.default}
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 ACTIVATION_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
                   aten.sigmoid.default, aten.silu_.default, aten.relu_.default}
@@ -57,6 +56,7 @@ class ModelSites:
     linears: list[LinearSite]
     n_layers: int
     embed: str | None = None          # get_attr target of the token embedding weight
+    embed_path: str | None = None     # module path of the token embedding
     attention_count: int = 0
     by_node: dict[str, LinearSite] = field(default_factory=dict)
 
@@ -84,20 +84,47 @@ def _attr(node) -> str | None:
     return node.target if isinstance(node, Node) and node.op == "get_attr" else None
 
 
+TRANSPOSE_OPS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+
+
+def weight_of(node: Node, kind: str) -> tuple[Node, Node]:
+    """(the node that reads the weight, the weight's get_attr node) of a linear site's node."""
+    if kind == "linear":
+        return node, node.args[1]
+    if kind == "conv1d":
+        return node, node.args[2]
+    return node.args[1], node.args[1].args[0]          # matmul(x, W.T): the transpose reads W
+
+
+def input_of(node: Node, kind: str) -> Node:
+    return node.args[1] if kind == "conv1d" else node.args[0]
+
+
 def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
+    bias = None
     if node.target is aten.linear.default:
-        x, weight = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else None
         kind = "linear"
-    else:  # addmm(bias, x, weight): a Conv1D whose weight is stored in×out
-        bias, x, weight = node.args[0], node.args[1], node.args[2]
+        bias = node.args[2] if len(node.args) > 2 else None
+    elif node.target is aten.addmm.default:   # addmm(bias, x, weight): a Conv1D whose weight is stored in×out
         kind = "conv1d"
+        bias = node.args[0]
+    elif node.target is aten.matmul.default:  # x @ W.T, as Falcon's FalconLinear computes it
+        t = node.args[1]
+        if not (isinstance(t, Node) and t.op == "call_function" and t.target in TRANSPOSE_OPS
+                and _attr(t.args[0]) is not None and t.args[0].meta["val"].dim() == 2):
+            return None
+        kind = "matmul"
+        adds = [u for u in node.users if u.target is aten.add.Tensor and _attr(u.args[1]) is not None]
+        bias = adds[0].args[1] if len(node.users) == 1 and adds else None
+    else:
+        return None
+    _, weight = weight_of(node, kind)
     target = _attr(weight)
     if target is None:
         return None
     w = gm.get_parameter(target) if target in dict(gm.named_parameters()) else None
     shape = tuple(w.shape) if w is not None else tuple(weight.meta["val"].shape)
-    out_f, in_f = shape if kind == "linear" else shape[::-1]
+    out_f, in_f = shape[::-1] if kind == "conv1d" else shape
     path = module_path(node) or strip_prefix(target.rsplit(".", 1)[0])
     return LinearSite(node=node.name, path=path, weight=target, bias=_attr(bias), kind=kind,
                       in_features=in_f, out_features=out_f, layer=_layer_of(path),
@@ -106,11 +133,13 @@ def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
 
 def analyze(gm: GraphModule) -> ModelSites:
     nodes = list(gm.graph.nodes)
-    linear_nodes = [n for n in nodes if n.op == "call_function" and n.target in LINEAR_OPS]
-    sites = [s for s in (_linear_site(n, gm) for n in linear_nodes) if s is not None]
+    sites = [s for s in (_linear_site(n, gm) for n in nodes if n.op == "call_function") if s is not None]
     by_node = {s.node: s for s in sites}
-    stops = {n for n in nodes if n.op == "call_function"
-             and (n.target in LINEAR_OPS or n.target in ATTENTION_OPS or n.target is aten.embedding.default)}
+    linear_nodes = [n for n in nodes if n.name in by_node]
+    attentions = _attentions(nodes, set(linear_nodes))
+    stops = set(linear_nodes) | {n for n in nodes if n.op == "call_function"
+                                 and (n.target in ATTENTION_OPS or n.target is aten.embedding.default)}
+    stops |= {a.output for a in attentions} | {a.scores for a in attentions}
     forward = nx.DiGraph()
     backward = nx.DiGraph()
     for n in nodes:
@@ -135,15 +164,14 @@ def analyze(gm: GraphModule) -> ModelSites:
         found = {node} | nx.ancestors(backward, node)
         return {n.name for n in found if n.name in by_node}
 
-    attentions = [n for n in nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
     labels: dict[str, set[str]] = {}
     feeds: dict[str, dict[str, list[Node]]] = {}
     for attn in attentions:
-        for role, arg in zip("qkv", attn.args[:3]):
+        for role, arg in zip("qkv", (attn.q, attn.k, attn.v)):
             for name in feeding(arg):
                 labels.setdefault(name, set()).add(role)
                 feeds.setdefault(name, {}).setdefault(role, []).append(arg)
-        for n in reach(attn):
+        for n in reach(attn.output):
             if n.name in by_node:
                 labels.setdefault(n.name, set()).add("o")
     probes = []
@@ -162,8 +190,59 @@ def analyze(gm: GraphModule) -> ModelSites:
         if s.role is None and s.layer is None and output in reach(node_of[s.node]):
             s.role = "head"
     n_layers = max((s.layer for s in sites if s.layer is not None), default=-1) + 1
-    return ModelSites(linears=sites, n_layers=n_layers, embed=_token_embedding(nodes),
+    embed, embed_path = _token_embedding(nodes)
+    return ModelSites(linears=sites, n_layers=n_layers, embed=embed, embed_path=embed_path,
                       attention_count=len(attentions), by_node=by_node)
+
+
+@dataclass
+class Attention:
+    """One attention: its query, key and value inputs, the node giving its output, and (for an explicit
+    matmul–softmax–matmul) the node computing the scores."""
+    q: Node
+    k: Node
+    v: Node
+    output: Node
+    scores: Node
+
+
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default}
+
+
+def _attentions(nodes: list[Node], linears: set[Node]) -> list[Attention]:
+    """Every ``scaled_dot_product_attention`` call, and every explicit softmax(q·kᵀ)·v (eager attention)."""
+    found = []
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in ATTENTION_OPS:
+            found.append(Attention(n.args[0], n.args[1], n.args[2], n, n))
+        elif n.target in SOFTMAX_OPS:
+            scores = _nearest(n, lambda m: list(m.all_input_nodes), linears)
+            output = _nearest(n, lambda m: list(m.users), linears)
+            if scores is None or output is None or not isinstance(output.args[1], Node):
+                continue
+            q, k = scores.args[1:3] if scores.target is aten.baddbmm.default else scores.args[:2]
+            found.append(Attention(q, k, output.args[1], output, scores))
+    return found
+
+
+def _nearest(start: Node, step, linears: set[Node]) -> Node | None:
+    """The closest matmul from ``start`` following ``step`` (inputs or users), not crossing a linear."""
+    frontier, seen = step(start), {start}
+    while frontier:
+        following = []
+        for m in frontier:
+            if m in seen or m.op != "call_function" or m in linears:
+                continue
+            seen.add(m)
+            if m.target in MATMUL_OPS:
+                return m
+            if m.target not in SOFTMAX_OPS:
+                following += step(m)
+        frontier = following
+    return None
 
 
 def _label_ffn(sites: list[LinearSite], site_reach, reach, node_of) -> list[Probe]:
@@ -197,14 +276,10 @@ def _label_ffn(sites: list[LinearSite], site_reach, reach, node_of) -> list[Prob
         for p in partners:
             p.role = "up"
         if not partners:   # up -> act -> down, or a fused gate+up whose up half bypasses the activation
-            down_input = _linear_input(node_of[down.node])
+            down_input = input_of(node_of[down.node], down.kind)
             gate_inputs = [a.args[0] for a in acts_of[s.node] if isinstance(a.args[0], Node)]
             probes.append(Probe(s.node, {"gate": gate_inputs, "all": [down_input]}))
     return probes
-
-
-def _linear_input(node: Node) -> Node:
-    return node.args[0] if node.target is aten.linear.default else node.args[1]
 
 
 def _vocab(gm: GraphModule) -> int:
@@ -230,7 +305,8 @@ def _apply_slices(found: dict[str, dict[str, set[int]]], by_node: dict[str, Line
             site.slices = {role: tuple(sorted(features)) for role, features in roles.items()}
 
 
-def _token_embedding(nodes: list[Node]) -> str | None:
+def _token_embedding(nodes: list[Node]) -> tuple[str | None, str | None]:
+    """The token embedding's weight (get_attr target) and module path."""
     inputs = [n for n in nodes if n.op == "placeholder"]
     ids = inputs[0] if inputs else None
     for n in nodes:
@@ -240,8 +316,8 @@ def _token_embedding(nodes: list[Node]) -> str | None:
             while frontier:
                 cur = frontier.pop()
                 if cur is ids:
-                    return _attr(n.args[0])
+                    return _attr(n.args[0]), module_path(n)
                 if isinstance(cur, Node) and cur not in seen and cur.op == "call_function":
                     seen.add(cur)
                     frontier.extend(a for a in cur.all_input_nodes)
-    return None
+    return None, None

@@ -83,6 +83,7 @@ def cmd_methods(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .compiled import prepare
+    from .capture import strip_prefix
     from .slices import describe, ranges
     with step(f"loading and capturing {args.model}"):
         prepared = prepare(args.model)
@@ -91,15 +92,23 @@ def cmd_inspect(args) -> int:
              "in_features": s.in_features, "out_features": s.out_features, "bias": s.bias is not None,
              "slices": {role: ranges(features) for role, features in (s.slices or {}).items()}}
             for s in sites.linears]
+    embed = None
+    if sites.embed is not None:
+        vocab, hidden = prepared.captured.gm.get_parameter(sites.embed).shape
+        path = sites.embed_path or strip_prefix(sites.embed.rsplit(".", 1)[0])
+        embed = {"path": path, "vocab": vocab, "hidden": hidden}
     if args.json:
         print(json.dumps({"model": args.model, "kind": prepared.captured.kind, "layers": sites.n_layers,
-                          "attentions": sites.attention_count, "linears": rows}, indent=2))
+                          "attentions": sites.attention_count, "embed": embed, "linears": rows}, indent=2))
         return 0
     print(f"{args.model}: {prepared.captured.kind}, {sites.n_layers} layers, {sites.attention_count} attentions, "
           f"{len(rows)} linears")
-    width = max(len(r["path"]) for r in rows) if rows else 4
+    width = max([len(r["path"]) for r in rows] + [len(embed["path"]) if embed else 0])
     print(f"{'layer':>5}  {'role':<7}  {'module path':<{width}}  {'shape (out x in)':>16}  {'kind':<6}  "
           "fused slices (output rows)")
+    if embed:
+        shape = f"{embed['vocab']} x {embed['hidden']}"
+        print(f"{'-':>5}  {'embed':<7}  {embed['path']:<{width}}  {shape:>16}  embedding")
     for r, site in zip(rows, sites.linears):
         layer = "-" if r["layer"] is None else r["layer"]
         shape = f"{r['out_features']} x {r['in_features']}"

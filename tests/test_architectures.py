@@ -9,7 +9,7 @@ import peftc
 from peftc.cli import main
 from conftest import randomize_adapters, token_ids
 
-ARCHS = ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-phi3", "tiny-neox", "tiny-opt"]
+ARCHS = ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-phi3", "tiny-neox", "tiny-opt", "tiny-falcon"]
 SPECS = ["lora q, v r=4 alpha=8", "lora attn r=2 alpha=4", "lora ffn r=3 alpha=6 rslora=true",
          "lora all-linear r=2 alpha=8"]
 
@@ -61,6 +61,32 @@ def test_fused_slices_follow_the_dataflow():
     assert neox.slices["v"] == tuple(i for h in range(4) for i in range(48 * h + 32, 48 * h + 48))
 
 
+@pytest.mark.parametrize("name, build, expected", [
+    # Bloom: per-head interleaved q|k|v, eager attention through baddbmm with ALiBi
+    ("bloom", lambda T: T.BloomForCausalLM(T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)),
+     {"q": "0:16 every 48 x4", "k": "16:32 every 48 x4", "v": "32:48 every 48 x4"}),
+    # CodeGen: its fused projection holds q, v, k in that order, interleaved in groups
+    ("codegen", lambda T: T.CodeGenForCausalLM(T.CodeGenConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                                                vocab_size=128)),
+     {"q": "0:16 every 48 x4", "k": "32:48 every 48 x4", "v": "16:32 every 48 x4"}),
+    # GPT-BigCode with multi-query attention: one key and one value head
+    ("gpt_bigcode", lambda T: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4,
+                                                                          multi_query=True, vocab_size=128)),
+     {"q": "0:64", "k": "64:80", "v": "80:96"}),
+])
+def test_fused_layouts_of_other_architectures(name, build, expected):
+    import transformers
+    from peftc.analysis import analyze
+    from peftc.capture import capture
+    from peftc.slices import describe
+    torch.manual_seed(0)
+    sites = analyze(capture(build(transformers)).gm)
+    fused_sites = [s for s in sites.linears if s.slices]
+    assert len(fused_sites) == 2 and all(s.role == "qkv" for s in fused_sites)
+    assert {r: describe(f) for r, f in fused_sites[0].slices.items()} == expected
+    assert not [s.path for s in sites.linears if s.role is None]
+
+
 def test_gpt2_lora_q_v_changes_q_and_v_and_leaves_k_untouched(tiny):
     model = peftc.compile(tiny("tiny-gpt2"), "lora q, v r=4")
     randomize_adapters(model)
@@ -110,7 +136,8 @@ def test_dense_file_does_not_load_into_slices(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("ref, lines", [
-    ("tiny-llama", ["0  q        model.layers.0.self_attn.q_proj  64 x 64  linear",
+    ("tiny-llama", ["-  embed    model.embed_tokens  512 x 64  embedding",
+                    "0  q        model.layers.0.self_attn.q_proj  64 x 64  linear",
                     "3  down     model.layers.3.mlp.down_proj  64 x 128  linear",
                     "-  head     lm_head  512 x 64  linear"]),
     ("tiny-gpt2", ["0  qkv      transformer.h.0.attn.c_attn  192 x 64  conv1d  q 0:64 | k 64:128 | v 128:192",
@@ -122,7 +149,10 @@ def test_dense_file_does_not_load_into_slices(tiny, tmp_path):
                    "1  gate_up  model.layers.1.mlp.gate_up_proj  256 x 64  linear  gate 0:128 | up 128:256"]),
     ("tiny-neox", ["0  qkv      gpt_neox.layers.0.attention.query_key_value  192 x 64  linear  "
                    "q 0:16 every 48 x4 | k 16:32 every 48 x4 | v 32:48 every 48 x4"]),
-    ("tiny-opt", ["1  o        model.decoder.layers.1.self_attn.out_proj  64 x 64  linear",
+    ("tiny-falcon", ["2  qkv      transformer.h.2.self_attention.query_key_value  96 x 64  matmul  "
+                     "q 0:64 | k 64:80 | v 80:96"]),
+    ("tiny-opt", ["-  embed    model.decoder.embed_tokens  512 x 64  embedding",
+                  "1  o        model.decoder.layers.1.self_attn.out_proj  64 x 64  linear",
                   "1  up       model.decoder.layers.1.fc1  128 x 64  linear"]),
 ])
 def test_inspect_shows_roles_and_fused_slices(ref, lines, capsys):

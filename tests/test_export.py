@@ -44,6 +44,20 @@ def test_unmerged_onnx_keeps_the_lora_branch(merged_and_base, tmp_path):
     assert result.op_counts["MatMul"] > base_counts["MatMul"]
 
 
+@pytest.mark.parametrize("ref, spec", [("tiny-gpt2", "lora q, v r=4"), ("tiny-phi3", "lora v, gate r=2"),
+                                       ("tiny-falcon", "lora k, o r=2")])
+def test_sliced_lora_on_fused_projections_exports_merged_and_unmerged(ref, spec, tmp_path):
+    model = peftc.compile(peftc.load_model(ref), spec)
+    randomize_adapters(model)
+    unmerged = peftc.export_onnx(model, tmp_path / "unmerged.onnx")
+    assert unmerged.max_abs_diff <= 1e-4
+    assert unmerged.op_counts["Gather"] > 0                 # the block-diagonal B is placed by a Gather
+    merged = peftc.export_onnx(model.merge(), tmp_path / "merged.onnx")
+    assert merged.max_abs_diff <= 1e-4
+    base = peftc.export_onnx(peftc.compile(peftc.load_model(ref), ""), tmp_path / "base.onnx", verify=False)
+    assert merged.op_counts == base.op_counts
+
+
 def test_external_data_and_atomic_write(merged_and_base, tmp_path):
     _, merged, _ = merged_and_base
     target = tmp_path / "ext.onnx"
