@@ -183,7 +183,7 @@ class LoraPass(Pass):
                                 blocks=selection.features())
             ctx.add_module(record.module, LoraWeights(site.in_features, site.out_features, record.blocks,
                                                       record.r, opts["init"]))
-            tip = _tip(ctx, nodes, site)
+            tip = ctx.output_of(site.node)
             with graph.inserting_before(tip.next):
                 a = graph.get_attr(f"{record.module}.lora_A")
                 b = graph.get_attr(f"{record.module}.lora_B")
@@ -202,7 +202,7 @@ class LoraPass(Pass):
                 scaled = graph.call_function(aten.mul.Tensor, (up, record.scale))
                 total = graph.call_function(aten.add.Tensor, (tip, scaled))
                 inserted += [down, up, scaled, total]
-            tip.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+            ctx.replace_output(site.node, total)
             for node in inserted:
                 ctx.tag(node, self.keyword, statement, index)
             record.nodes = [n.name for n in inserted]
@@ -234,12 +234,6 @@ class LoraPass(Pass):
         for name in reversed(record.nodes):
             gm.graph.erase_node(nodes[name])
         gm.delete_submodule(record.module)
-
-
-def _tip(ctx: CompileContext, nodes: dict, site: LinearSite):
-    """The node that currently carries the linear's output: the sum of the last LoRA on it, or itself."""
-    earlier = [r for r in ctx.records if r.method == "lora" and r.site.node == site.node]
-    return nodes[earlier[-1].nodes[-1]] if earlier else nodes[site.node]
 
 
 def _count(ctx: CompileContext) -> int:

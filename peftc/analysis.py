@@ -43,6 +43,8 @@ class LinearSite:
     layer: int | None         # transformer block index, None outside blocks
     module_type: str | None
     role: str | None = None   # q k v o gate up down head, a fused qkv/gate_up, or None when unlabelled
+    #: the node whose value is the layer's output, when not ``node`` (x @ W.T followed by a bias add)
+    output: str | None = None
     #: for a fused projection: the output features (rows of W) computing each role
     slices: dict[str, tuple[int, ...]] | None = None
 
@@ -101,7 +103,7 @@ def input_of(node: Node, kind: str) -> Node:
 
 
 def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
-    bias = None
+    bias, output = None, None
     if node.target is aten.linear.default:
         kind = "linear"
         bias = node.args[2] if len(node.args) > 2 else None
@@ -116,6 +118,7 @@ def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
         kind = "matmul"
         adds = [u for u in node.users if u.target is aten.add.Tensor and _attr(u.args[1]) is not None]
         bias = adds[0].args[1] if len(node.users) == 1 and adds else None
+        output = adds[0].name if bias is not None else None
     else:
         return None
     _, weight = weight_of(node, kind)
@@ -128,7 +131,7 @@ def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
     path = module_path(node) or strip_prefix(target.rsplit(".", 1)[0])
     return LinearSite(node=node.name, path=path, weight=target, bias=_attr(bias), kind=kind,
                       in_features=in_f, out_features=out_f, layer=_layer_of(path),
-                      module_type=module_type(node))
+                      module_type=module_type(node), output=output)
 
 
 def analyze(gm: GraphModule) -> ModelSites:

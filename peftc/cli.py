@@ -128,15 +128,14 @@ def cmd_compile(args) -> int:
         model = compile_prepared(prepared, spec, seed=args.seed)
     out = Path(args.out)
     report = model.report()
-    model.save_hf_peft(out)
+    written = model.save_adapter(out)
     write_text(out / SPEC_FILE, spec.format())
     write_text(out / "report.txt", str(report) + "\n")
     write_text(out / "graph.txt", model.dump_graph())
     write_json(out / MANIFEST, {"model": args.model, "spec": SPEC_FILE, "kind": model.kind,
                                 "report": report.to_dict()})
     print(report)
-    print(f"\nwrote {out}/: adapter_config.json, adapter_model.safetensors, {SPEC_FILE}, report.txt, "
-          f"graph.txt, {MANIFEST}")
+    print(f"\nwrote {out}/: {', '.join(written)}, {SPEC_FILE}, report.txt, graph.txt, {MANIFEST}")
     return 0
 
 

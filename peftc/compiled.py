@@ -62,7 +62,8 @@ def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: s
     elif isinstance(spec, str):
         spec = parse(spec, filename)
     captured = prepared.captured
-    ctx = CompileContext(gm=captured.gm, sites=prepared.sites, spec=spec, kind=captured.kind)
+    ctx = CompileContext(gm=captured.gm, sites=prepared.sites, spec=spec, kind=captured.kind,
+                         model_ref=prepared.ref, config=captured.config)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
@@ -93,6 +94,8 @@ class CompiledModel(nn.Module):
         self.config = config
         self.model_ref = model_ref
         self.timings = dict(timings or {})
+        #: what merge() folded into the weights (quantized bases come back as dequant(W))
+        self.folded: list = []
         self.training = False
         self._set_dropout(False)
 
@@ -145,17 +148,21 @@ class CompiledModel(nn.Module):
         with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             gm = copy.deepcopy(self.graph_module)
-        kept = []
+        kept, folded = [], []
+        # records fold in the order the passes ran: a quantized base (quant, rank 40) turns back into the
+        # float linear dequant(W) before the LoRA on it (rank 60) is added to that weight
         for record in self.records:
             fold = getattr(registry[record.method], "fold", None)
-            if fold is None:
+            if fold is None or not getattr(record, "foldable", True):   # e.g. a prefix stays a graph op
                 kept.append(record)
                 continue
             fold(gm, record)
+            folded.append(record)
         gm.graph.lint()
         gm.recompile()
         merged = CompiledModel(gm, spec=self.spec, sites=self.sites, records=kept, kind=self.kind,
                                config=self.config, model_ref=self.model_ref)
+        merged.folded = folded
         merged.train(self.training)
         return merged
 
@@ -163,9 +170,28 @@ class CompiledModel(nn.Module):
         from .hf_peft import save_hf_peft
         return save_hf_peft(self, directory)
 
+    def save_adapter(self, directory: str | Path) -> list[str]:
+        """Write peftc's adapter file (any methods) and, when one HF PEFT format holds every adapter,
+        HF PEFT's files too. Returns the names of the files written."""
+        from .adapter_file import FILE, save_adapter
+        from .hf_peft import CONFIG, WEIGHTS, format_for, save_hf_peft
+        from .errors import AdapterError
+        save_adapter(self, directory)
+        try:
+            format_for(self)
+        except AdapterError:
+            return [FILE]
+        save_hf_peft(self, directory)
+        return [FILE, CONFIG, WEIGHTS]
+
     def load_adapter(self, directory: str | Path) -> "CompiledModel":
+        """Load adapter weights written by ``save_adapter`` (peftc's file, or else HF PEFT's files)."""
+        from .adapter_file import FILE, load_adapter
         from .hf_peft import load_adapter_weights
-        load_adapter_weights(self, directory)
+        if (Path(directory) / FILE).is_file():
+            load_adapter(self, directory)
+        else:
+            load_adapter_weights(self, directory)
         return self
 
 

@@ -1,11 +1,18 @@
-"""Interchange with HF PEFT's adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+"""Interchange with HF PEFT's adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+HF PEFT's files hold one method (one ``peft_type``). Each method with a file format registers a
+:class:`Format` (LoRA here; the others in ``peftc/hf_*.py``): how to write its records as config fields
+and tensors, how to load them back, and which spec an HF PEFT config stands for."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
-from dataclasses import dataclass
+import pkgutil
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,6 +32,111 @@ UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "target_parameters": 
 
 def _key(path: str, name: str) -> str:
     return f"{KEY_PREFIX}{path}.{name}.weight"
+
+
+@dataclass(frozen=True)
+class Format:
+    """One method's HF PEFT file format. ``save(model, records) -> (config fields, tensors)``;
+    ``load(model, records, config, tensors, path)`` copies the tensors in (shapes checked);
+    ``spec_text(config, sites) -> str`` is the peftc spec the config describes."""
+    method: str
+    peft_type: str
+    save: Callable
+    load: Callable
+    spec_text: Callable
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    FORMATS[fmt.method] = fmt
+    return fmt
+
+
+def formats() -> dict[str, Format]:
+    """Every registered format; importing ``peftc.hf_*`` modules registers theirs."""
+    package = importlib.import_module("peftc")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("hf_") and info.name != "hf_peft":
+            importlib.import_module(f"peftc.{info.name}")
+    return FORMATS
+
+
+def adapter_records(model) -> list:
+    """The records that carry trained state (a quantized base, for one, carries none)."""
+    return [r for r in model.records if r.parameters(model.graph_module)]
+
+
+def format_for(model) -> Format:
+    """The HF PEFT format that holds this model's adapters, or an AdapterError saying why none does."""
+    methods = sorted({r.method for r in adapter_records(model)})
+    if not methods:
+        raise AdapterError("the model has no adapters to save")
+    if len(methods) > 1:
+        raise AdapterError(f"HF PEFT's adapter files hold one method; this model has {', '.join(methods)}")
+    fmt = formats().get(methods[0])
+    if fmt is None:
+        raise AdapterError(f"HF PEFT has no adapter file format for '{methods[0]}'")
+    return fmt
+
+
+def save_hf_peft(model, directory: str | Path) -> Path:
+    """Write the adapters of a compiled model in HF PEFT's format."""
+    fmt = format_for(model)
+    fields, tensors = fmt.save(model, adapter_records(model))
+    config = {"peft_type": fmt.peft_type, "task_type": TASK_TYPES[model.kind],
+              "base_model_name_or_path": model.model_ref, "inference_mode": True, **fields}
+    directory = Path(directory)
+    save_tensors(directory / WEIGHTS, {k: v.detach().contiguous() for k, v in tensors.items()},
+                 metadata={"format": "pt"})
+    write_json(directory / CONFIG, config)
+    return directory
+
+
+def load_adapter_weights(model, directory: str | Path) -> None:
+    """Copy the weights of an HF PEFT adapter directory into the matching sites of ``model``."""
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise AdapterError(f"{path} does not exist")
+    config = read_config(directory)
+    fmt = _format_of(config, Path(directory) / CONFIG)
+    records = [r for r in adapter_records(model) if r.method == fmt.method]
+    if not records:
+        raise AdapterError(f"{path} holds a {fmt.peft_type} adapter; the compiled model has no "
+                           f"'{fmt.method}' statement")
+    fmt.load(model, records, config, load_tensors(path), path)
+
+
+def load_hf_peft(model, directory: str | Path):
+    """Compile ``model`` (a transformers model or a reference) with the adapter an HF PEFT directory
+    describes, and load its weights. Returns a CompiledModel."""
+    from .compiled import compile_prepared, prepare
+    config = read_config(directory)
+    fmt = _format_of(config, Path(directory) / CONFIG)
+    prepared = prepare(model)
+    text = fmt.spec_text(config, prepared.sites)
+    compiled = compile_prepared(prepared, text, filename=f"<spec from {Path(directory) / CONFIG}>")
+    load_adapter_weights(compiled, directory)
+    return compiled
+
+
+def _format_of(config: dict, path: Path) -> Format:
+    by_type = {f.peft_type: f for f in formats().values()}
+    fmt = by_type.get(config.get("peft_type"))
+    if fmt is None:
+        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; peftc reads "
+                           f"{', '.join(sorted(by_type))}")
+    return fmt
+
+
+def check_keys(path, tensors: dict, expected) -> None:
+    unknown = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        raise AdapterError(f"{path} does not fit the compiled model: "
+                           f"unexpected keys {unknown[:3]}{'...' if len(unknown) > 3 else ''}, "
+                           f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
 
 
 @dataclass
@@ -77,38 +189,24 @@ def module_loras(model, use_rslora: bool) -> list[ModuleLora]:
     return [ModuleLora.of(path, records, use_rslora) for path, records in groups.items()]
 
 
-def save_hf_peft(model, directory: str | Path) -> Path:
-    """Write the LoRA adapters of a compiled model in HF PEFT's format."""
-    # records without weights (a quantized base) are not adapters: the file holds the LoRA on top of them
-    records = [r for r in model.records if r.parameters(model.graph_module)]
-    if not records:
-        raise AdapterError("the model has no adapters to save")
-    others = sorted({r.method for r in records if r.method != "lora"})
-    if others:
-        raise AdapterError(f"HF PEFT's adapter format holds one method; this model also has {', '.join(others)}")
+def _save_lora(model, records) -> tuple[dict, dict]:
     first = records[0]
     modules = module_loras(model, first.rslora)
     base = modules[0]
-    config = {
-        "peft_type": "LORA", "task_type": TASK_TYPES[model.kind],
-        "base_model_name_or_path": model.model_ref, "r": base.rank, "lora_alpha": base.alpha,
-        "lora_dropout": first.dropout, "use_rslora": first.rslora,
+    fields = {
+        "r": base.rank, "lora_alpha": base.alpha, "lora_dropout": first.dropout, "use_rslora": first.rslora,
         "target_modules": sorted(m.path for m in modules),
         "rank_pattern": {re.escape(m.path): m.rank for m in modules if m.rank != base.rank},
         "alpha_pattern": {re.escape(m.path): m.alpha for m in modules if m.alpha != base.alpha},
-        "bias": "none",
-        "fan_in_fan_out": any(r.site.kind == "conv1d" for r in records),
-        "init_lora_weights": INIT_LORA_WEIGHTS[first.init], "inference_mode": True, "modules_to_save": None,
+        "bias": "none", "fan_in_fan_out": any(r.site.kind == "conv1d" for r in records),
+        "init_lora_weights": INIT_LORA_WEIGHTS[first.init], "modules_to_save": None,
     }
     tensors = {}
     for module in modules:
         a, b = module.tensors(model.graph_module)
         tensors[_key(module.path, "lora_A")] = a
         tensors[_key(module.path, "lora_B")] = b
-    directory = Path(directory)
-    save_tensors(directory / WEIGHTS, tensors, metadata={"format": "pt"})
-    write_json(directory / CONFIG, config)
-    return directory
+    return fields, tensors
 
 
 def read_config(directory: str | Path) -> dict:
@@ -119,8 +217,6 @@ def read_config(directory: str | Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from exc
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported yet (LORA is)")
     for field, default in UNSUPPORTED.items():
         if config.get(field, default) not in (default, [], {}):
             raise AdapterError(f"{path}: '{field}' = {config[field]!r} is not supported by peftc")
@@ -178,22 +274,14 @@ def spec_text_for(config: dict, sites) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_adapter_weights(model, directory: str | Path) -> None:
-    """Copy LoRA weights from an HF PEFT adapter directory into the matching sites of ``model``, keeping
-    the function the file describes (its scale is read from its config)."""
-    path = Path(directory) / WEIGHTS
-    if not path.is_file():
-        raise AdapterError(f"{path} does not exist")
-    config = read_config(directory)
-    tensors = load_tensors(path)
-    modules = module_loras(model, bool(config.get("use_rslora")))
-    expected = {_key(m.path, n): m for m in modules for n in ("lora_A", "lora_B")}
-    unknown = sorted(set(tensors) - set(expected))
-    missing = sorted(set(expected) - set(tensors))
-    if unknown or missing:
-        raise AdapterError(f"{path} does not fit the compiled model: "
-                           f"unexpected keys {unknown[:3]}{'...' if len(unknown) > 3 else ''}, "
-                           f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
+def _load_lora(model, records, config: dict, tensors: dict, path) -> None:
+    """LoRA weights into the matching sites, keeping the function the file describes (its scale is read
+    from its config)."""
+    groups: dict[str, list] = {}
+    for record in records:
+        groups.setdefault(record.site.path, []).append(record)
+    modules = [ModuleLora.of(p, rs, bool(config.get("use_rslora"))) for p, rs in groups.items()]
+    check_keys(path, tensors, {_key(m.path, n) for m in modules for n in ("lora_A", "lora_B")})
     for module in modules:
         a, b = tensors[_key(module.path, "lora_A")], tensors[_key(module.path, "lora_B")]
         site = module.records[0].site
@@ -210,13 +298,4 @@ def load_adapter_weights(model, directory: str | Path) -> None:
             raise AdapterError(f"{path}: {exc}") from exc
 
 
-def load_hf_peft(model, directory: str | Path):
-    """Compile ``model`` (a transformers model or a reference) with the LoRA an HF PEFT adapter
-    directory describes, and load its weights. Returns a CompiledModel."""
-    from .compiled import compile_prepared, prepare
-    config = read_config(directory)
-    prepared = prepare(model)
-    text = spec_text_for(config, prepared.sites)
-    compiled = compile_prepared(prepared, text, filename=f"<spec from {Path(directory) / CONFIG}>")
-    load_adapter_weights(compiled, directory)
-    return compiled
+register_format(Format("lora", "LORA", _save_lora, _load_lora, spec_text_for))

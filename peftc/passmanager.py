@@ -35,6 +35,23 @@ class CompileContext:
     kind: str                       # "causal-lm" or "encoder"
     records: list = field(default_factory=list)   # what each pass inserted, in order
     timings: dict[str, float] = field(default_factory=dict)
+    #: linear node name -> name of the node that now carries its output (after LoRA sums, IA3 scales...)
+    outputs: dict[str, str] = field(default_factory=dict)
+    #: the model reference (for its tokenizer) and its Hugging Face config, when known
+    model_ref: str | None = None
+    config: Any = None
+
+    def output_of(self, node_name: str) -> Node:
+        """The node carrying a linear's output now: a pass that adds to or scales it builds on this."""
+        site = self.sites.by_node.get(node_name)
+        name = self.outputs.get(node_name) or (site.output if site and site.output else node_name)
+        return next(n for n in self.gm.graph.nodes if n.name == name)
+
+    def replace_output(self, node_name: str, new: Node) -> None:
+        """Route every user of the linear's current output to ``new`` (which itself reads that output)."""
+        tip = self.output_of(node_name)
+        tip.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        self.outputs[node_name] = new.name
 
     def tag(self, node: Node, keyword: str, statement, index: int) -> Node:
         span = statement.span
