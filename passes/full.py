@@ -11,7 +11,7 @@ from peftc.select import select_linears
 @register
 class FullPass(Pass):
     keyword = "full"
-    rank = 50
+    rank = 48
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         sites = select_linears(statement, ctx.sites, ctx.spec)

@@ -47,10 +47,12 @@ class CompileContext:
         name = self.outputs.get(node_name) or (site.output if site and site.output else node_name)
         return next(n for n in self.gm.graph.nodes if n.name == name)
 
-    def replace_output(self, node_name: str, new: Node) -> None:
-        """Route every user of the linear's current output to ``new`` (which itself reads that output)."""
+    def replace_output(self, node_name: str, new: Node, inserted=()) -> None:
+        """Route every user of the linear's current output to ``new`` (which itself reads that output),
+        except ``new`` and the ``inserted`` nodes that compute it."""
         tip = self.output_of(node_name)
-        tip.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        own = {new, *inserted}
+        tip.replace_all_uses_with(new, delete_user_cb=lambda user: user not in own)
         self.outputs[node_name] = new.name
 
     def tag(self, node: Node, keyword: str, statement, index: int) -> Node:
