@@ -134,8 +134,9 @@ _METHODS = (
                    choices=("zero", "gaussian", "random")),
         LAYERS, EXCLUDE), targets="required"),
     MethodSpec("quant", "quantize the frozen base linears: NF4 (QLoRA) or int8", (
-        OptionSpec("block", "int", 64, "weights per absmax block (nf4): a power of two from 16 to 4096, "
-                   "the sizes bitsandbytes and ONNX Runtime's MatMulBnb4 accept",
+        OptionSpec("block", "int", 64, "weights per absmax block (nf4): a power of two from 16 to 4096 "
+                   "(bitsandbytes takes 32..4096; ONNX Runtime's MatMulBnb4, which runs the nf4 export, "
+                   "16..256)",
                    choices=tuple(2 ** e for e in range(4, 13))),
         OptionSpec("double_quant", "bool", True, "store the absmax constants in 8 bits per block of 256 (nf4)"),
         LAYERS, EXCLUDE), targets="optional", default_targets=("base",),

@@ -9,6 +9,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch
 from .capture import dynamic_shapes, example_inputs, max_positions
 from .errors import ExportError
 from .fsutil import atomic_path
+from .qops import onnx_blockers, translation_table
 
 
 @dataclass
@@ -57,26 +59,32 @@ def _verify_inputs(module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = True,
-                external_data: bool | None = None) -> ExportResult:
+                external_data: bool | None = None,
+                postprocess: Callable[[Path], None] | None = None) -> ExportResult:
     """Export ``module`` (a CompiledModel, merged or not, or any module taking input_ids and
-    attention_mask) to ``path``. Runs onnx.checker and, with ``verify``, ONNX Runtime against torch."""
+    attention_mask) to ``path``. Runs onnx.checker and, with ``verify``, ONNX Runtime against torch.
+    ``postprocess`` may rewrite the written file (weights kept inside it) before it is checked."""
     import onnx
     path = Path(path)
     config = getattr(module, "config", None)
     ids, mask = example_inputs(vocab=min(getattr(config, "vocab_size", 32) or 32, 32))
     seconds: dict[str, float] = {}
+    graph_module = getattr(module, "graph_module", None)
+    blockers = onnx_blockers(graph_module) if graph_module is not None else []
+    if blockers:
+        raise ExportError(f"cannot export {path}: {blockers[0]}" + (f" (and {len(blockers) - 1} more)"
+                                                                     if len(blockers) > 1 else ""))
     was_training = module.training
     module.eval()
     try:
         start = time.perf_counter()
         with torch.no_grad():
-            ep = torch.export.export(module, (ids, mask), strict=False,
-                                     dynamic_shapes=dynamic_shapes(max_positions(config) if config else 8192))
+            ep = _capture(module, ids, mask, dynamic_shapes(_max_sequence(module, config)))
         seconds["capture"] = time.perf_counter() - start
         start = time.perf_counter()
         with _quiet():
             program = torch.onnx.export(ep, (ids, mask), dynamo=True, input_names=["input_ids", "attention_mask"],
-                                        output_names=["output"])
+                                        output_names=["output"], custom_translation_table=translation_table())
         seconds["convert"] = time.perf_counter() - start
     except Exception as exc:
         raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
@@ -93,6 +101,10 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
             _rename_external(tmp, produced, path.parent / data_name, data_name)
         else:
             program.save(str(tmp), external_data=False)
+        if postprocess is not None:
+            if use_external:
+                raise ExportError(f"{path}: rewriting a model whose weights are in an external file is not supported")
+            postprocess(tmp)
         onnx.checker.check_model(str(tmp))
     seconds["save"] = time.perf_counter() - start
     total = path.stat().st_size + ((path.parent / data_name).stat().st_size if use_external else 0)
@@ -103,6 +115,25 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
         result.max_abs_diff, result.provider, result.reference_absmax = verify_onnx(module, path)
         seconds["verify"] = time.perf_counter() - start
     return result
+
+
+def _max_sequence(module, config) -> int:
+    """The longest input: the model's positions, less those a soft prompt takes (a record's ``positions``)."""
+    limit = max_positions(config) if config else 8192
+    return limit - sum(getattr(r, "positions", 0) for r in getattr(module, "records", ()))
+
+
+def _capture(module, ids, mask, shapes):
+    """torch.export with dynamic batch and sequence. A soft prompt makes the inner length ``sequence + P``,
+    on which torch's symbolic shapes cannot prove some stride guards (min(16·(s+3), 32·(s+3)) = 16·(s+3),
+    from a grouped-query ``repeat_kv``); such a capture is retried with those guards as runtime asserts."""
+    try:
+        return torch.export.export(module, (ids, mask), strict=False, dynamic_shapes=shapes)
+    except torch._dynamo.exc.UserError as exc:
+        if "Constraints violated" not in str(exc):
+            raise
+        return torch.export.export(module, (ids, mask), strict=False, dynamic_shapes=shapes,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def _rename_external(model_path: Path, produced: Path, final: Path, data_name: str) -> None:

@@ -12,6 +12,7 @@ from torch.fx import GraphModule, Node
 from .analysis import LinearSite, weight_of
 from .diagnostics import SpecError
 from .errors import PassError
+from .qrewrite import is_quantized, set_bias
 
 aten = torch.ops.aten
 
@@ -45,13 +46,16 @@ def own(ctx, site: LinearSite, method: str, statement, index: int, weight: bool,
     record = OwnedRecord(index, site, name, method, tuple(n for n, want in (("weight", weight), ("bias", bias))
                                                           if want))
     inserted: list[Node] = []
-    reader, weight_node = weight_of(linear, site.kind)
-    base_weight = gm.get_parameter(weight_node.target).detach()
+    quantized = is_quantized(linear)       # a quantized base has no float weight to copy or take a dtype from
+    if quantized and weight:
+        raise PassError(f"{site.path} is quantized by a quant statement; {method} cannot train its weight")
+    reader, weight_node = (None, None) if quantized else weight_of(linear, site.kind)
+    base_weight = None if quantized else gm.get_parameter(weight_node.target).detach()
     if weight:
         module.weight = nn.Parameter(base_weight.clone())
     if bias:
         value = (gm.get_parameter(site.bias).detach().clone() if site.bias is not None
-                 else torch.zeros(site.out_features, dtype=base_weight.dtype))
+                 else torch.zeros(site.out_features, dtype=torch.float32 if quantized else base_weight.dtype))
         module.bias = nn.Parameter(value)
     ctx.add_module(name, module)
     if weight:
@@ -76,8 +80,8 @@ def _rewire_bias(ctx, site: LinearSite, linear: Node, nodes: dict, target: str) 
         old = next(a for a in user.all_input_nodes if a.op == "get_attr" and a.target == site.bias)
         user.replace_input_with(old, new)
         return [new]
-    if site.kind == "linear":                       # aten.linear(x, W) -> aten.linear(x, W, b)
-        linear.args = (*linear.args[:2], new)
+    if site.kind == "linear":                       # aten.linear(x, W) -> aten.linear(x, W, b), or quantized
+        set_bias(linear, new)
         return [new]
     tip = ctx.output_of(site.node)                  # x @ W.T: add the bias after it
     with graph.inserting_after(tip):
