@@ -177,11 +177,11 @@ class CompiledModel(nn.Module):
         from .hf_peft import CONFIG, WEIGHTS, format_for, save_hf_peft
         from .errors import AdapterError
         save_adapter(self, directory)
-        try:
+        try:   # a format may refuse this model's adapters (a prefix on some layers only) before writing
             format_for(self)
+            save_hf_peft(self, directory)
         except AdapterError:
             return [FILE]
-        save_hf_peft(self, directory)
         return [FILE, CONFIG, WEIGHTS]
 
     def load_adapter(self, directory: str | Path) -> "CompiledModel":
