@@ -1,0 +1,577 @@
+"""``peftc train``: compile a model with a spec and train the inserted parameters on a JSONL file.
+
+One function, :func:`train`, serves the command line, the tests and ``torchrun``. What it guarantees:
+
+* **Exact loss.** The loss of a step is the mean over every completion token of the step's global batch
+  (all micro-batches of gradient accumulation, all DDP ranks), so ``--batch-size 8``, ``--batch-size 4
+  --grad-accum 2`` and two DDP ranks of ``--batch-size 4`` compute the same gradient.
+* **Determinism.** Same spec, data, seed and options ⇒ the same adapter bytes: weights are initialised
+  from ``--seed``, the order of examples is a function of (seed, step) (:func:`peftc.data.step_indices`),
+  dropout draws from a generator seeded per rank, and a checkpoint holds the optimizer and RNG state, so a
+  run resumed from one ends with the bytes of a run never stopped.
+* **Safe checkpoints.** ``OUT/checkpoints/step-NNNNNNN/`` is built under a temporary name and renamed into
+  place (:func:`peftc.fsutil.atomic_dir`): Ctrl-C at any moment leaves the last complete one intact, and
+  ``--resume`` continues from it. Only rank 0 writes.
+* **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP (gloo on CPU,
+  NCCL on GPUs) with every frozen tensor on DDP's ignore list: only the trainable parameters are
+  broadcast at start and all-reduced after each backward.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE, Example, collate, load_codec, read_jsonl, split_eval, step_indices, \
+    steps_for_epochs, tokenize
+from .errors import PeftcError
+from .fsutil import atomic_dir, atomic_path, load_tensors, save_tensors, write_json, write_text
+from .models import DEFAULT_MODEL
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "peftc.json"          # what `peftc export` and `peftc eval` read (the same as `peftc compile` writes)
+SPEC_FILE = "spec.peft"
+SCHEDULES = ("constant", "linear", "cosine")
+#: options a resumed run must share with the run that wrote the checkpoint
+RESUME_KEYS = ("model", "spec_text", "data_sha256", "seed", "batch_size", "grad_accum", "world_size",
+               "max_length", "eval_split", "chat", "steps")
+
+
+class TrainError(PeftcError, ValueError):
+    """Options that do not fit together, or a checkpoint that does not fit the run."""
+
+
+@dataclass
+class TrainConfig:
+    spec: str
+    data: str
+    out: str
+    model: str = DEFAULT_MODEL
+    steps: int | None = None          #: optimizer steps; default: one epoch (or ``epochs``)
+    epochs: float | None = None
+    batch_size: int = 8               #: examples per micro-batch on each process
+    grad_accum: int = 1               #: micro-batches per optimizer step
+    lr: float = 1e-3
+    schedule: str = "cosine"          #: constant | linear | cosine (both decay to 0 at the last step)
+    warmup: int = 0                   #: steps of linear warm-up
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0        #: 0 turns clipping off
+    max_length: int = 512
+    seed: int = 0
+    eval_split: float = 0.0           #: fraction (< 1) or count (>= 1) of records held out for eval loss
+    eval_every: int = 0               #: steps between eval-loss measurements (0: only at the end)
+    save_every: int = 0               #: steps between checkpoints (0: only at the end)
+    keep: int = 2                     #: checkpoints kept
+    log_every: int = 10               #: steps between lines of train.log
+    resume: bool = False
+    chat: bool = False                #: wrap prompts in the tokenizer's chat template
+    torch_compile: bool = False
+    device: str | None = None         #: default: cuda:LOCAL_RANK when CUDA is there, else cpu
+    threads: int | None = None        #: torch CPU threads (default: torch's choice)
+    progress: bool = True             #: the progress bar (rank 0, on stderr)
+
+    def check(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_length", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {self.threads}")
+        for name in ("eval_every", "save_every", "warmup"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.steps is not None and self.epochs is not None:
+            raise TrainError("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise TrainError(f"--steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise TrainError(f"--epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise TrainError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        if self.eval_split < 0:
+            raise TrainError(f"--eval-split must be >= 0, got {self.eval_split}")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module                  #: the trained CompiledModel (on every rank)
+    out: Path
+    steps: int
+    seconds: float                    #: wall time of the optimizer steps run by this call
+    tokens: int                       #: non-pad tokens processed by this call, all ranks
+    loss: float | None                #: training loss of the last step
+    eval_loss: float | None
+    history: list[dict] = field(default_factory=list)
+    main: bool = True                 #: rank 0 (the process that wrote the files)
+    synchronised: list[str] = field(default_factory=list)   #: parameters DDP kept in sync (none without DDP)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+# --- pieces ------------------------------------------------------------------------------------------------
+def lr_at(step: int, total: int, base: float, schedule: str = "cosine", warmup: int = 0) -> float:
+    """The learning rate of (0-based) ``step`` of ``total``."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return base * (1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labels that are not IGNORE."""
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+class CausalLMWithLoss(nn.Module):
+    """A thin wrapper that gives a CompiledModel the calling convention of the ``transformers`` Trainer:
+    ``forward(input_ids, attention_mask=None, labels=None)`` returns ``{"loss", "logits"}``, the loss being
+    the mean next-token cross-entropy over labels that are not -100 (labels are *not* pre-shifted, as in
+    transformers). The wrapped model is ``.model``; save the adapter with ``.model.save_hf_peft(dir)``.
+    ``accepts_loss_kwargs`` makes the Trainer pass ``num_items_in_batch``, so with gradient accumulation the
+    loss is the mean over the whole accumulated batch, as in ``peftc train``."""
+    accepts_loss_kwargs = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None):
+        logits = self.model(input_ids, attention_mask)
+        out = {"logits": logits}
+        if labels is not None:
+            total = token_loss_sum(logits, labels)
+            count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE).sum()
+            out["loss"] = total / torch.as_tensor(count, device=total.device).clamp(min=1)
+        return out
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    owned: bool = False               #: this call created the process group and destroys it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the process group a launcher (torchrun) describes in the environment; a no-op without one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), False)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    return Dist(rank, world, local, backend, True)
+
+
+def trainable_parameters(model) -> dict[str, nn.Parameter]:
+    """Every parameter that requires grad, named as ``adapter_parameters()`` names them where it can."""
+    named = {name: p for name, p in model.adapter_parameters().items() if p.requires_grad}
+    seen = {id(p) for p in named.values()}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            named[name] = p
+            seen.add(id(p))
+    return named
+
+
+def wrap_ddp(model: nn.Module, dist_info: Dist, device: torch.device) -> nn.Module:
+    """DDP over ``model`` that ignores every frozen parameter and every buffer: only trainable parameters
+    are broadcast at construction and all-reduced in the backward."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, broadcast_buffers=False)
+
+
+def synchronised_parameters(ddp: nn.Module) -> list[str]:
+    """Names of the parameters a DDP wrapper keeps in sync (for tests and the log)."""
+    keep = {id(p) for p in ddp._module_parameters}
+    return [n for n, p in ddp.module.named_parameters() if id(p) in keep]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+def checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints in ``out``, oldest first (temporary directories start with '.')."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"{names[index]}.{key}"] = torch.as_tensor(value)
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, groups: list) -> None:
+    state = {}
+    for index, name in enumerate(names):
+        prefix = name + "."
+        values = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)
+                  and "." not in k[len(prefix):]}
+        if values:
+            state[index] = values
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+class _Log:
+    """train.log: a header, then one line per logged step; rewritten whole (atomically) on each flush."""
+
+    def __init__(self, path: Path, enabled: bool, lines: list[str] | None = None):
+        self.path, self.enabled, self.lines = path, enabled, list(lines or [])
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def flush(self) -> None:
+        if self.enabled:
+            write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+def _say(dist_info: Dist, message: str) -> None:
+    if dist_info.main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train as ``config`` says; see the module docstring. ``on_step(step)`` is called after each
+    optimizer step (after any checkpoint of that step) — a hook for tests and callers."""
+    config.check()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dist_info = setup_distributed()
+    try:
+        with _sigterm_as_interrupt():
+            return _train(config, dist_info, on_step)
+    finally:
+        if dist_info.owned:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what schedulers and ``kill`` send) stops training the way Ctrl-C does."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
+    from .compiled import compile as compile_model
+    from .spec import parse_file
+    out = Path(config.out)
+    spec = parse_file(config.spec)
+    records = read_jsonl(config.data)
+    train_records, eval_records = split_eval(records, config.eval_split, config.seed)
+    codec = load_codec(config.model)
+    train_set = tokenize(train_records, codec, config.max_length, config.chat)
+    eval_set = tokenize(eval_records, codec, config.max_length, config.chat)
+    world = dist_info.world
+    global_batch = config.batch_size * config.grad_accum * world
+    total = config.steps or steps_for_epochs(config.epochs or 1.0, len(train_set), global_batch)
+
+    if config.device:
+        device = torch.device(config.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", dist_info.local_rank)
+    else:
+        device = torch.device("cpu")
+    start = time.perf_counter()
+    _say(dist_info, f"loading, capturing and compiling {config.model} with {config.spec} ...")
+    model = compile_model(config.model, spec, seed=config.seed)
+    _say(dist_info, f"compiled in {time.perf_counter() - start:.1f} s")
+    if model.kind != "causal-lm":
+        raise TrainError(f"peftc train trains causal language models; '{config.model}' is an encoder")
+    model.to(device)
+    params = trainable_parameters(model)
+    if not params:
+        raise TrainError(f"{config.spec} inserts no trainable parameters")
+    names = list(params)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+
+    identity = {"model": config.model, "spec_text": spec.format(), "data_sha256": file_sha256(config.data),
+                "seed": config.seed, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+                "world_size": world, "max_length": config.max_length, "eval_split": config.eval_split,
+                "chat": config.chat, "steps": total}
+    step, history, log_lines = 0, [], []
+    torch.manual_seed(config.seed * 7_919 + dist_info.rank)          # dropout
+    existing = checkpoints(out)
+    if config.resume and existing:
+        step, history, log_lines = _resume(existing[-1], identity, params, names, optimizer, dist_info)
+        _say(dist_info, f"resumed from {existing[-1]} (step {step} of {total})")
+    elif config.resume:
+        _say(dist_info, f"--resume: no checkpoint in {out / CHECKPOINTS}; starting from step 0")
+
+    log = _Log(out / "train.log", dist_info.main, log_lines)
+    if not log.lines:
+        report = model.report()
+        log.add(f"# peftc train {config.spec} on {config.model}: {len(train_set)} training examples, "
+                f"{len(eval_set)} held out; {total} steps of {global_batch} examples "
+                f"({config.batch_size} x {config.grad_accum} accumulation x {world} processes)")
+        log.add(f"# trainable params: {report.trainable:,d} of {report.total:,d}; lr {config.lr:g} "
+                f"{config.schedule}, warm-up {config.warmup}; seed {config.seed}; device {device}")
+
+    runner: nn.Module = model
+    synchronised: list[str] = []
+    if world > 1:
+        runner = wrap_ddp(model, dist_info, device)
+        synchronised = synchronised_parameters(runner)
+        _say(dist_info, f"DDP over {world} processes ({dist_info.backend}): "
+                        f"{len(synchronised)} trainable tensors synchronised, frozen weights ignored")
+    forward = torch.compile(runner, dynamic=True) if config.torch_compile else runner
+
+    bar = None
+    if dist_info.main and config.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    model.train()
+    t0, tokens_run, first_step = time.perf_counter(), 0, step
+    loss_value = eval_loss = None
+    try:
+        while step < total:
+            indices = step_indices(len(train_set), global_batch, step, config.seed)
+            target_tokens = sum(train_set[i].targets for i in indices)
+            share = config.batch_size * config.grad_accum
+            mine = indices[dist_info.rank * share:(dist_info.rank + 1) * share]
+            scale = world / max(1, target_tokens)
+            sums = torch.zeros(2, dtype=torch.float64)
+            for k in range(config.grad_accum):
+                batch = collate([train_set[i] for i in mine[k * config.batch_size:(k + 1) * config.batch_size]],
+                                codec.pad_id)
+                batch = {key: value.to(device) for key, value in batch.items()}
+                sync = runner.no_sync() if world > 1 and k < config.grad_accum - 1 else contextlib.nullcontext()
+                with sync:
+                    logits = forward(batch["input_ids"], batch["attention_mask"])
+                    loss_sum = token_loss_sum(logits, batch["labels"])
+                    (loss_sum * scale).backward()
+                sums[0] += loss_sum.item()
+                sums[1] += int(batch["attention_mask"].sum())
+            if world > 1:
+                import torch.distributed as dist
+                reduced = sums.to(device)
+                dist.all_reduce(reduced)
+                sums = reduced.cpu()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+            lr = lr_at(step, total, config.lr, config.schedule, config.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(sums[0]) / max(1, target_tokens)
+            tokens_run += int(sums[1])
+            elapsed = time.perf_counter() - t0
+            entry = {"step": step, "loss": round(loss_value, 6), "lr": lr, "tokens": int(sums[1]),
+                     "tokens_per_s": round(tokens_run / elapsed, 2), "elapsed_s": round(elapsed, 2)}
+            if eval_set and (step == total or (config.eval_every and step % config.eval_every == 0)):
+                if dist_info.main:
+                    eval_loss = evaluate_loss(model, eval_set, config.batch_size, codec.pad_id, device)
+                    entry["eval_loss"] = round(eval_loss, 6)
+            history.append(entry)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_run / elapsed:.0f}",
+                                **({"eval": f"{eval_loss:.4f}"} if "eval_loss" in entry else {}))
+            if step % config.log_every == 0 or step == total or "eval_loss" in entry:
+                log.add(f"step {step:>6}/{total}  loss {loss_value:.4f}  lr {lr:.3e}  "
+                        f"tok/s {tokens_run / elapsed:8.1f}  elapsed {elapsed:8.1f}s"
+                        + (f"  eval_loss {eval_loss:.4f}" if "eval_loss" in entry else ""))
+                log.flush()
+            if step == total or (config.save_every and step % config.save_every == 0):
+                _save_checkpoint(out, step, identity, params, names, optimizer, history, log.lines,
+                                 config.keep, dist_info)
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        done = checkpoints(out)
+        log.add(f"# interrupted after step {step}")
+        log.flush()
+        _say(dist_info, f"interrupted after step {step}; "
+                        + (f"the last complete checkpoint is {done[-1]}: continue with --resume"
+                           if done else "no checkpoint was written yet"))
+        raise
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    if dist_info.main:
+        _write_outputs(model, config, spec, out, history, log, identity, seconds, tokens_run, step - first_step)
+    return TrainResult(model, out, step, seconds, tokens_run, loss_value, eval_loss, history, dist_info.main,
+                       synchronised)
+
+
+def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+                  device: torch.device) -> float:
+    """Mean next-token loss over the targets of ``examples`` (dropout off)."""
+    was = model.training
+    model.eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+            total += token_loss_sum(model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).item()
+            tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+    model.train(was)
+    return total / max(1.0, tokens)
+
+
+def _rng_states(dist_info: Dist) -> list[torch.Tensor]:
+    state = torch.get_rng_state()
+    if dist_info.world == 1:
+        return [state]
+    import torch.distributed as dist
+    gathered: list = [None] * dist_info.world
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def _save_checkpoint(out: Path, step: int, identity: dict, params: dict, names: list[str], optimizer,
+                     history: list, log_lines: list, keep: int, dist_info: Dist) -> None:
+    rng = _rng_states(dist_info)           # every rank takes part in the gather
+    if not dist_info.main:
+        return
+    opt_tensors, groups = optimizer_tensors(optimizer, names)
+    target = out / CHECKPOINTS / f"step-{step:07d}"
+    with atomic_dir(target) as tmp:
+        save_tensors(tmp / "adapter.safetensors", {n: p.detach() for n, p in params.items()})
+        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        save_tensors(tmp / "rng.safetensors", {f"rank{r}": s for r, s in enumerate(rng)})
+        write_json(tmp / "trainer_state.json", {"step": step, "identity": identity, "param_groups": groups,
+                                                "history": history, "log": log_lines})
+    for old in checkpoints(out)[:-keep]:
+        import shutil
+        shutil.rmtree(old)
+
+
+def _resume(path: Path, identity: dict, params: dict, names: list[str], optimizer, dist_info: Dist):
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    saved = state["identity"]
+    for key in RESUME_KEYS:
+        if saved.get(key) != identity[key]:
+            what = key.replace("_", "-")
+            raise TrainError(f"cannot resume from {path}: {what} was {saved.get(key)!r}, now {identity[key]!r}")
+    weights = load_tensors(path / "adapter.safetensors")
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise TrainError(f"cannot resume from {path}: it has no tensor {missing[0]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(param.device))
+    load_optimizer(optimizer, names, load_tensors(path / "optimizer.safetensors"), state["param_groups"])
+    rng = load_tensors(path / "rng.safetensors")
+    key = f"rank{dist_info.rank}"
+    if key in rng:
+        torch.set_rng_state(rng[key])
+    return int(state["step"]), list(state["history"]), list(state.get("log", []))
+
+
+def _write_outputs(model, config: TrainConfig, spec, out: Path, history: list, log: _Log, identity: dict,
+                   seconds: float, tokens: int, steps_run: int) -> None:
+    report = model.report()
+    files = model.save_adapter(out)   # peftc's file always; HF PEFT's files when they can hold the adapter
+    write_text(out / SPEC_FILE, spec.format())
+    write_text(out / "report.txt", str(report) + "\n")
+    last = history[-1] if history else {}
+    summary = {"steps": last.get("step", 0), "final_loss": last.get("loss"),
+               "eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
+               "seconds": round(seconds, 2), "tokens": tokens,
+               "tokens_per_s": round(tokens / seconds, 2) if seconds else None, "steps_this_run": steps_run}
+    write_json(out / MANIFEST, {"model": config.model, "spec": SPEC_FILE, "kind": model.kind,
+                                "report": report.to_dict(), "train": summary})
+    write_json(out / "train.json", {"config": asdict(config), "identity": identity, "summary": summary,
+                                    "history": history})
+    log.add(f"# done: {summary['steps']} steps, final loss {summary['final_loss']}, "
+            f"{tokens:,d} tokens in {seconds:.1f} s ({summary['tokens_per_s']} tok/s this run)")
+    log.flush()
+    files += [SPEC_FILE, "report.txt", MANIFEST, "train.json", "train.log"]
+    if plot_losses(history, out / "loss.png", title=f"{config.spec} on {config.model}"):
+        files.append("loss.png")
+    print(f"wrote {out}/: {', '.join(files)}", file=sys.stderr)
+
+
+def plot_losses(history: list[dict], path: Path, title: str = "") -> bool:
+    """The loss curve (and eval loss where measured) as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1.2)
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean per completion token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return True
