@@ -142,15 +142,31 @@ class Ia3Pass(Pass):
         else:
             owner, _, name = weight_node.target.rpartition(".")
             setattr(gm.get_submodule(owner), name, merged)
-        if not record.feedforward and record.site.bias is not None:
-            owner, _, name = record.site.bias.rpartition(".")
-            bias = gm.get_parameter(record.site.bias).detach()
-            setattr(gm.get_submodule(owner), name, nn.Parameter(bias * l, requires_grad=False))
         scaled = nodes[record.nodes[-1]]
+        if not record.feedforward:
+            for bias_node in _biases(linear, record.site.kind, scaled.args[0]):
+                owner, _, name = bias_node.target.rpartition(".")
+                bias = gm.get_parameter(bias_node.target).detach()
+                setattr(gm.get_submodule(owner), name, nn.Parameter(bias * l, requires_grad=False))
         scaled.replace_all_uses_with(scaled.args[0])
         for name in reversed(record.nodes):
             gm.graph.erase_node(nodes[name])
         gm.delete_submodule(record.module)
+
+
+def _biases(linear, kind: str, tip) -> list:
+    """The bias parameters the linear's output carries where the scale applies: the linear's own bias
+    argument (its base bias, or the copy bitfit trains), and any bias added after an x @ W.T up to ``tip``."""
+    found = []
+    arg = linear.args[2] if kind == "linear" and len(linear.args) > 2 else linear.args[0] if kind == "conv1d" else None
+    if arg is not None and getattr(arg, "op", None) == "get_attr":
+        found.append(arg)
+    node = linear
+    while node is not tip and len(node.users) == 1:
+        node = next(iter(node.users))
+        if node.target is aten.add.Tensor and getattr(node.args[1], "op", None) == "get_attr":
+            found.append(node.args[1])
+    return found
 
 
 def _check_overlap(ctx: CompileContext, statement, selections: list[Selection]) -> None:

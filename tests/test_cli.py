@@ -52,8 +52,9 @@ def test_compile_then_export_round_trip(tmp_path, capsys):
     assert main(["compile", str(spec), "--model", "tiny-llama", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "trainable params: 3,584" in printed
-    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
-                                              "spec.peft", "report.txt", "graph.txt", "peftc.json"}
+    assert {p.name for p in out.iterdir()} == {"peftc_adapter.safetensors", "adapter_config.json",
+                                              "adapter_model.safetensors", "spec.peft", "report.txt",
+                                              "graph.txt", "peftc.json"}
     assert "+ [lora @" in (out / "graph.txt").read_text()
     PeftModel.from_pretrained(peftc.load_model("tiny-llama"), str(out))     # HF PEFT accepts the files
     onnx_path = tmp_path / "m.onnx"

@@ -74,3 +74,12 @@ def test_lora_and_ia3_on_one_linear_stack(tiny):
         ours = model(ids)
         assert (ours - reference(input_ids=ids).logits).abs().max() <= 1e-5
         assert (model.merge()(ids) - ours).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("ref", ["tiny-llama", "tiny-gpt2", "tiny-falcon"])
+def test_bitfit_and_ia3_on_the_same_linears_merge_exactly(ref, tiny):
+    model = peftc.compile(tiny(ref), "bitfit all-linear; ia3 all-linear")
+    live(model)
+    ids = token_ids()
+    with torch.no_grad():
+        assert (model.merge()(ids) - model(ids)).abs().max() <= 1e-5
