@@ -15,6 +15,7 @@ from .models import DEFAULT_MODEL
 MANIFEST = "peftc.json"
 SPEC_FILE = "spec.peft"
 TOLERANCE = 1e-4
+RELATIVE_TOLERANCE = 1e-5
 
 
 @contextlib.contextmanager
@@ -139,18 +140,25 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def read_manifest(args) -> tuple[Path, dict, str]:
+    """The directory ``args.dir`` written by ``peftc compile``/``train``, its manifest, and the model
+    reference (``--model`` overrides the manifest's)."""
+    directory = Path(args.dir)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise PeftcError(f"{directory} has no {MANIFEST}: make it with 'peftc compile SPEC --out {directory}' "
+                         "or 'peftc train'")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return directory, manifest, args.model or manifest["model"]
+
+
 def cmd_export(args) -> int:
     import torch
     from .compiled import compile as compile_model, op_histogram
     from .models import load_model
     from .onnx_export import export_onnx
     from .spec import parse_file
-    directory = Path(args.dir)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise PeftcError(f"{directory} has no {MANIFEST}: make it with 'peftc compile SPEC --out {directory}'")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    ref = args.model or manifest["model"]
+    directory, manifest, ref = read_manifest(args)
     with step(f"loading {ref}"):
         base_model = load_model(ref)
     with step("compiling and loading the adapter"):
@@ -162,15 +170,34 @@ def cmd_export(args) -> int:
     with torch.no_grad():
         merge_diff = (merged(ids) - model(ids)).abs().max().item()
     print(f"merged vs unmerged logits: max abs diff {merge_diff:.3g}")
-    with step(f"exporting {args.onnx}"):
-        result = export_onnx(merged, args.onnx)
-    print(result)
-    ok = result.max_abs_diff is not None and result.max_abs_diff <= TOLERANCE
-    if args.compare_base:
+    dequantized = [r for r in merged.folded if r.method == "quant"]
+    if dequantized:
+        schemes = ", ".join(sorted({r.scheme for r in dequantized}))
+        print(f"LoRA folded onto dequant(W) of the {len(dequantized)} {schemes} linears it trained against; "
+              f"merged weights are float32")
+    target = "nf4" if args.nf4 else "int4" if args.int4 else args.dtype
+    with step(f"exporting {args.onnx} ({target})"):
+        if target == "fp32":
+            result = export_onnx(merged, args.onnx)
+            print(result)
+        else:
+            from .deploy import export_target
+            outcome = export_target(merged, args.onnx, target, block=args.block)
+            result = outcome.export
+            print(outcome)
+    # fp32 is held to TOLERANCE; the other targets run other kernels (MatMulBnb4, MatMulNBits) whose
+    # summation order differs, so their bound scales with the logits: RELATIVE_TOLERANCE of the largest
+    tolerance = TOLERANCE if target == "fp32" else max(TOLERANCE, RELATIVE_TOLERANCE * (result.reference_absmax or 0))
+    ok = result.max_abs_diff is not None and result.max_abs_diff <= tolerance
+    if args.compare_base and target != "fp32":
+        print(f"--compare-base compares operator counts of the fp32 export; a {target} export has other "
+              "operators by design, so it is skipped")
+    elif args.compare_base:
         base = compile_model(base_model, "")
         with torch.no_grad():
             effect = (base(ids) - merged(ids)).abs().max().item()
-        print(f"merged vs base logits: max abs diff {effect:.3g} (what the adapter changes)")
+        changes = "the adapter and the quantized base change" if dequantized else "the adapter changes"
+        print(f"merged vs base logits: max abs diff {effect:.3g} (what {changes})")
         same_graph = op_histogram(base.graph_module) == op_histogram(merged.graph_module)
         print(f"merged graph ops equal the base graph's: {'yes' if same_graph else 'NO'}")
         base_path = Path(args.onnx).with_name(Path(args.onnx).stem + ".base.onnx")
@@ -184,8 +211,46 @@ def cmd_export(args) -> int:
             print(f"  {op:<20} {a:>6} {b:>6}{'' if a == b else '  <-'}")
         ok = ok and equal and same_graph
     if not ok:
-        print(f"export check failed (tolerance {TOLERANCE})", file=sys.stderr)
+        print(f"export check failed (tolerance {tolerance:.3g})", file=sys.stderr)
     return 0 if ok else 1
+
+
+def cmd_explain(args) -> int:
+    from .compiled import compile as compile_model
+    from .explain import layer_table, prompt_table
+    from .models import load_model, load_tokenizer
+    from .spec import parse_file
+    directory, manifest, ref = read_manifest(args)
+    with step(f"loading {ref} and the adapter in {directory}"):
+        model = compile_model(load_model(ref), parse_file(directory / manifest["spec"]))
+        model.load_adapter(directory)
+    print(layer_table(model))
+    if any(r.method == "prompt" for r in model.records):
+        try:
+            tokenizer = load_tokenizer(ref)
+        except PeftcError:
+            tokenizer = None      # token ids are shown instead of text
+        print()
+        print(prompt_table(model, tokenizer, top=args.top))
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from .compiled import compile_prepared, prepare
+    from .draw import block_svg
+    from .fsutil import write_text
+    from .spec import parse_file
+    spec = parse_file(args.spec)
+    with step(f"loading and capturing {args.model}"):
+        prepared = prepare(args.model)
+    if not 0 <= args.layer < prepared.sites.n_layers:
+        raise PeftcError(f"--layer {args.layer}: {args.model} has layers 0..{prepared.sites.n_layers - 1}")
+    import copy
+    before = copy.deepcopy(prepared.captured.gm)
+    model = compile_prepared(prepared, spec)
+    write_text(args.out, block_svg(before, model.graph_module, args.layer))
+    print(f"wrote {args.out}: layer {args.layer} before and after {args.spec}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,13 +272,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the adapter, report and graph dump")
     p.add_argument("--seed", type=int, default=0, help="seed for the inserted weights' initialisation (default 0)")
     p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("explain", help="what an adapter learned: per-layer change of each statement, "
+                       "nearest tokens of a soft prompt")
+    p.add_argument("dir", help="a directory written by 'peftc compile' or 'peftc train'")
+    p.add_argument("--model", default=None, help="override the model named in the directory")
+    p.add_argument("--top", type=int, default=5, help="nearest tokens shown per soft-prompt vector")
+    p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("graph", help="draw one transformer block before and after a spec's rewrite (SVG)")
+    p.add_argument("spec")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--out", required=True, help="the .svg file to write")
+    p.set_defaults(func=cmd_graph)
     p = sub.add_parser("export", help="merge a compiled adapter and export verified ONNX")
     p.add_argument("dir", help="a directory written by 'peftc compile'")
     p.add_argument("--onnx", required=True, help="the .onnx file to write")
     p.add_argument("--model", default=None, help="override the model named in the directory")
     p.add_argument("--compare-base", action="store_true",
-                   help="also export the base model and compare operator counts")
+                   help="also export the base model and compare operator counts (fp32 target)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="float weights of the merged model: fp32 (default) or fp16 (half the file)")
+    target.add_argument("--nf4", action="store_true",
+                        help="re-quantize the merged weights to NF4, run with com.microsoft.MatMulBnb4")
+    target.add_argument("--int4", action="store_true",
+                        help="re-quantize the merged weights to blockwise int4, run with com.microsoft.MatMulNBits")
+    p.add_argument("--block", type=int, default=None,
+                   help="block size for --nf4/--int4 (default: the spec's quant block, else 64)")
     p.set_defaults(func=cmd_export)
+    from .cli_train import add_commands as add_train_commands   # train, eval, generate
+    add_train_commands(sub)
     return parser
 
 
@@ -227,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PeftcError, FileNotFoundError, IsADirectoryError) as exc:
         print(f"peftc: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:    # `peftc train` has said where its last complete checkpoint is
+        print("peftc: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from .errors import PeftcError
 from .models import DEFAULT_MODEL
 
-MANIFEST = "peftc.json"
 
 
 def cmd_train(args) -> int:
@@ -36,20 +33,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise PeftcError(f"{directory} has no {MANIFEST}: make it with 'peftc train' or 'peftc compile'")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def load_decoder(args):
     """(decoder, model reference, description) for ``eval``/``generate``: an ONNX file, a trained
     directory (adapter merged, KV-cache decoding when it folds), or the base model."""
     from .generate import CachedDecoder, RecomputeDecoder, decoder_for, onnx_logits, torch_logits
-    directory = Path(args.dir) if args.dir else None
-    manifest = _manifest(directory) if directory else {}
-    ref = args.model or manifest.get("model") or DEFAULT_MODEL
+    from .cli import read_manifest
+    directory, manifest, ref = read_manifest(args) if args.dir else (None, {}, args.model or DEFAULT_MODEL)
     if args.onnx:
         if directory:
             raise PeftcError("give a trained directory or --onnx, not both")
