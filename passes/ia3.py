@@ -15,6 +15,7 @@ from torch.fx import GraphModule
 from peftc.analysis import LinearSite, input_of, weight_of
 from peftc.diagnostics import SpecError
 from peftc.errors import PassError
+from peftc.fold import remove_branch, set_weight
 from peftc.passmanager import CompileContext, Pass, PassResult, register
 from peftc.select import Selection, select
 
@@ -125,33 +126,20 @@ class Ia3Pass(Pass):
         l = record.full(gm)
         if not torch.isfinite(l).all():
             raise PassError(f"IA3 scales of {record.key} contain NaN or inf; refusing to merge")
-        reader, weight_node = weight_of(linear, record.site.kind)
-        weight = gm.get_parameter(weight_node.target).detach()
+        weight = gm.get_parameter(weight_of(linear, record.site.kind)[1].target).detach()
         # weight is out×in (in×out for a Conv1D); scale its input or output features
         out_axis = 1 if record.site.kind == "conv1d" else 0
         axis = 1 - out_axis if record.feedforward else out_axis
         shape = [1, 1]
         shape[axis] = -1
-        merged = nn.Parameter(weight * l.reshape(shape), requires_grad=False)
-        if len(weight_node.users) > 1:
-            target = f"{record.module}_merged_weight"
-            gm.register_parameter(target, merged)
-            with gm.graph.inserting_before(weight_node.next):
-                own = gm.graph.get_attr(target)
-            reader.replace_input_with(weight_node, own)
-        else:
-            owner, _, name = weight_node.target.rpartition(".")
-            setattr(gm.get_submodule(owner), name, merged)
-        scaled = nodes[record.nodes[-1]]
+        set_weight(gm, linear, record.site.kind, weight * l.reshape(shape), f"{record.module}_merged_weight")
         if not record.feedforward:
-            for bias_node in _biases(linear, record.site.kind, scaled.args[0]):
+            tip = nodes[record.nodes[-1]].args[0]
+            for bias_node in _biases(linear, record.site.kind, tip):
                 owner, _, name = bias_node.target.rpartition(".")
                 bias = gm.get_parameter(bias_node.target).detach()
                 setattr(gm.get_submodule(owner), name, nn.Parameter(bias * l, requires_grad=False))
-        scaled.replace_all_uses_with(scaled.args[0])
-        for name in reversed(record.nodes):
-            gm.graph.erase_node(nodes[name])
-        gm.delete_submodule(record.module)
+        remove_branch(gm, record)
 
 
 def _biases(linear, kind: str, tip) -> list:

@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 from peftc.analysis import LinearSite, input_of, weight_of
 from peftc.diagnostics import SpecError
 from peftc.errors import PassError
+from peftc.fold import remove_branch, set_weight
 from peftc.passmanager import CompileContext, Pass, PassResult, register
 from peftc.select import Selection, select
 
@@ -218,22 +219,9 @@ class LoraPass(Pass):
         delta = record.delta(gm)
         if not torch.isfinite(delta).all():
             raise PassError(f"LoRA weights of {record.key} contain NaN or inf; refusing to merge")
-        reader, weight_node = weight_of(linear, record.site.kind)
-        merged = nn.Parameter(gm.get_parameter(weight_node.target).detach() + delta, requires_grad=False)
-        if len(weight_node.users) > 1:   # a tied weight: give this linear its own merged copy
-            target = f"{record.module}_merged_weight"
-            gm.register_parameter(target, merged)
-            with gm.graph.inserting_before(weight_node.next):
-                own = gm.graph.get_attr(target)
-            reader.replace_input_with(weight_node, own)
-        else:
-            owner, _, name = weight_node.target.rpartition(".")
-            setattr(gm.get_submodule(owner), name, merged)
-        total = nodes[record.nodes[-1]]
-        total.replace_all_uses_with(total.args[0])
-        for name in reversed(record.nodes):
-            gm.graph.erase_node(nodes[name])
-        gm.delete_submodule(record.module)
+        weight = gm.get_parameter(weight_of(linear, record.site.kind)[1].target).detach()
+        set_weight(gm, linear, record.site.kind, weight + delta, f"{record.module}_merged_weight")
+        remove_branch(gm, record)
 
 
 def _count(ctx: CompileContext) -> int:

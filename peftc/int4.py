@@ -13,10 +13,11 @@ import torch
 
 from .errors import ModelError
 from .nf4 import FLOAT_DTYPES
+from .packed import PackedSize
 
 
 @dataclass
-class Int4Weight:
+class Int4Weight(PackedSize):
     packed: torch.Tensor
     scales: torch.Tensor
     zero_points: torch.Tensor
@@ -34,14 +35,6 @@ class Int4Weight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scales": self.scales, "zero_points": self.zero_points}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / max(self.numel, 1)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.packed, self.scales, self.zero_points, self.in_features).to(self.dtype)

@@ -8,13 +8,14 @@ import torch
 
 from .errors import ModelError
 from .nf4 import FLOAT_DTYPES
+from .packed import PackedSize
 
 #: bitsandbytes' ``int8_vectorwise_dequant`` multiplies by this float32 reciprocal of 127
 INV_127 = 7.874015718698502e-3
 
 
 @dataclass
-class Int8Weight:
+class Int8Weight(PackedSize):
     qweight: torch.Tensor      # int8, (out, in)
     absmax: torch.Tensor       # float32, (out,)
     dtype: torch.dtype = torch.float32
@@ -29,14 +30,6 @@ class Int8Weight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "absmax": self.absmax}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / max(self.numel, 1)
 
     def dequantize(self) -> torch.Tensor:
         return (self.qweight * self.absmax.view(-1, 1) * INV_127).to(self.dtype)

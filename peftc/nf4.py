@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ModelError
+from .packed import PackedSize
 
 #: bitsandbytes ``get_4bit_type("nf4")``: quantiles of N(0, 1) scaled to [-1, 1], 0.0 at index 7
 CODE = torch.tensor([
@@ -98,7 +99,7 @@ def dequantize_dynamic(codes: torch.Tensor, absmax: torch.Tensor, block: int = D
 
 
 @dataclass
-class NF4Weight:
+class NF4Weight(PackedSize):
     """A weight in NF4. ``packed``: uint8, ceil(numel/2) bytes. Without double quantization ``absmax`` is
     float32 per block; with it, ``absmax`` holds uint8 codes, ``absmax_scale`` the float32 absmax of each
     256 of them and ``offset`` the float32 mean that was taken off."""
@@ -131,14 +132,6 @@ class NF4Weight:
         if self.double_quant:
             out |= {"absmax_scale": self.absmax_scale, "offset": self.offset.reshape(1)}
         return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / max(self.numel, 1)
 
     def absmax_float(self) -> torch.Tensor:
         """The float32 absmax of each block (after undoing the double quantization)."""
