@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import AdapterError
+from .errors import AdapterError, ModelError
 from .hf_peft import Format, check_keys, register_format
 
 KEY = "prompt_embeddings"
@@ -141,7 +141,7 @@ def _save_prompt(model, records) -> tuple[dict, dict]:
         from .models import resolve
         try:      # a directory HF PEFT's AutoTokenizer can open (a built-in name resolves to its cache)
             directory = resolve(model.model_ref)[1]
-        except Exception:
+        except ModelError:
             directory = None
         tokenizer = str(directory) if directory is not None else model.model_ref
     fields = {"num_virtual_tokens": record.tokens, **shapes, "token_dim": record.dim,

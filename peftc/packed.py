@@ -1,16 +1,16 @@
 """What every quantized weight format (NF4, int8, int4) reports about its size."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
 class PackedSize:
-    """Mixin: a format lists its stored tensors in ``tensors()`` and its weight count in ``numel``."""
+    """Mixin for a format class that defines ``tensors()`` (its stored tensors by name) and ``numel``."""
 
     numel: int
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    tensors: Callable[[], dict[str, torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
