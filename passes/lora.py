@@ -4,7 +4,9 @@ Inserted as aten ops after each selected linear; the A and B matrices live in a 
 ``peftc_lora_<i>`` on the graph module. On a fused projection (GPT-2's c_attn, Phi-3's qkv_proj), role
 words adapt only their output slices: each role gets its own rank-r LoRA, which together are one LoRA
 on the module with a block-diagonal B (how HF PEFT's files hold it). Several LoRAs on one linear chain
-their sums. ``fold`` merges s·B·A into the base weight and removes the branch."""
+their sums. After the last lora statement, the A projections of sites that read the same input (q, k and
+v; gate and up) become one matmul (``fuse_shared_inputs``). ``fold`` merges s·B·A into the base weight and
+removes the branch."""
 from __future__ import annotations
 
 import math
@@ -22,6 +24,9 @@ from peftc.passmanager import CompileContext, Pass, PassResult, register
 from peftc.select import Selection, select
 
 aten = torch.ops.aten
+
+#: compute the A projections of LoRA sites with a shared input as one matmul; off, each site has its own
+FUSE_SHARED_INPUTS = True
 
 
 class LoraWeights(nn.Module):
@@ -124,6 +129,11 @@ class LoraRecord:
         return self.site.path if self.roles is None else f"{self.site.path}[{','.join(self.roles)}]"
 
     @property
+    def down(self) -> str:
+        """The node of the A projection (fourth from the end): ``linear(x, A)``, or a slice of a fused one."""
+        return self.nodes[-4]
+
+    @property
     def hf_rank(self) -> int:
         """The rank of this LoRA as one dense LoRA on the module (what HF PEFT's files hold)."""
         return self.r * len(self.blocks)
@@ -212,9 +222,16 @@ class LoraPass(Pass):
         return PassResult(ctx.gm, modified=True)
 
     @staticmethod
+    def finish(ctx: CompileContext) -> PassResult:
+        """After the last lora statement: one matmul for the A projections of sites sharing an input."""
+        return fuse_shared_inputs(ctx)
+
+    @staticmethod
     def fold(gm: GraphModule, record: LoraRecord) -> None:
         """Merge one LoRA site into its base weight and remove the branch from ``gm``."""
         nodes = {n.name: n for n in gm.graph.nodes}
+        if nodes[record.down].target is aten.slice.Tensor:
+            unfuse(gm, nodes[record.down])
         linear = nodes[record.site.node]
         delta = record.delta(gm)
         if not torch.isfinite(delta).all():
@@ -222,6 +239,62 @@ class LoraPass(Pass):
         weight = gm.get_parameter(weight_of(linear, record.site.kind)[1].target).detach()
         set_weight(gm, linear, record.site.kind, weight + delta, f"{record.module}_merged_weight")
         remove_branch(gm, record)
+
+
+def fuse_shared_inputs(ctx: CompileContext) -> PassResult:
+    """Compute the A projections of LoRA sites that read the same input node as one matmul: the sites'
+    ``lora_A`` (each stays its own parameter) are concatenated, multiplied with the input once, and each
+    site's A projection becomes its slice of the result. Only where that is exact: no dropout, and A
+    weights of one dtype and device. Tagged with the first site's statement."""
+    if not FUSE_SHARED_INPUTS:
+        return PassResult(ctx.gm, modified=False)
+    graph = ctx.gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    groups: dict[tuple, list[LoraRecord]] = {}
+    for record in ctx.records:
+        if record.method == "lora" and record.dropout == 0:
+            a = ctx.gm.get_submodule(record.module).lora_A
+            groups.setdefault((nodes[record.down].args[0], a.dtype, a.device), []).append(record)
+    fused_any = False
+    for (x, _, _), records in groups.items():
+        if len(records) < 2:
+            continue
+        records.sort(key=lambda r: position[nodes[r.down]])
+        first = nodes[records[0].down]
+        weights = [nodes[r.down].args[1] for r in records]
+        for weight in weights:              # the get_attr nodes of the A weights move before the fused matmul
+            first.prepend(weight)
+        with graph.inserting_before(first):
+            cat = graph.call_function(aten.cat.default, (weights, 0))
+            fused = graph.call_function(aten.linear.default, (x, cat))
+        for node in (cat, fused):
+            ctx.tag(node, LoraPass.keyword, ctx.spec.statements[records[0].statement], records[0].statement)
+        offset = 0
+        for record in records:
+            down = nodes[record.down]
+            rows = ctx.gm.get_submodule(record.module).lora_A.shape[0]
+            with graph.inserting_before(down):
+                piece = graph.call_function(aten.slice.Tensor, (fused, -1, offset, offset + rows))
+            ctx.tag(piece, LoraPass.keyword, ctx.spec.statements[record.statement], record.statement)
+            down.replace_all_uses_with(piece)
+            graph.erase_node(down)
+            record.nodes[-4] = piece.name
+            offset += rows
+        fused_any = True
+    return PassResult(ctx.gm, modified=fused_any)
+
+
+def unfuse(gm: GraphModule, piece) -> None:
+    """Undo ``fuse_shared_inputs`` for the fused matmul that ``piece`` slices: each slice node becomes its
+    site's own ``linear(x, A)`` again, under its name (merge folds a copy of the graph with the compiled
+    model's records, which must keep naming the nodes of both)."""
+    fused = piece.args[0]
+    x, cat = fused.args
+    for weight, user in zip(cat.args[0], sorted(fused.users, key=lambda n: n.args[2])):
+        user.target, user.args = aten.linear.default, (x, weight)
+    gm.graph.erase_node(fused)
+    gm.graph.erase_node(cat)
 
 
 def _count(ctx: CompileContext) -> int:

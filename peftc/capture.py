@@ -2,11 +2,20 @@
 
 The captured module takes ``(input_ids, attention_mask)`` and returns logits for a causal LM or the last
 hidden state for an encoder. Module paths in node metadata and weight targets carry the prefix
-``hf.``, which :func:`module_path` strips so that paths are the Hugging Face model's own names."""
+``hf.``, which :func:`module_path` strips so that paths are the Hugging Face model's own names.
+
+Captures are cached in process, per model object (held weakly) and a fingerprint of what the capture
+depends on; a hit hands out a copy of the cached graph module that reads the same weight tensors.
+:func:`clear_cache` empties the cache and ``PEFTC_CAPTURE_CACHE=0`` turns it off."""
 from __future__ import annotations
 
+import copy
+import os
 import time
+import warnings
+import weakref
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch.export import Dim
@@ -35,6 +44,7 @@ class Captured:
     kind: str            # "causal-lm" or "encoder"
     config: object       # the Hugging Face config
     seconds: float
+    cached: bool = False  # the graph is a copy of a cached capture of the same model
 
 
 def example_inputs(batch: int = 2, seq: int = 8, vocab: int = 32, seed: int = 0):
@@ -58,13 +68,31 @@ def max_positions(config) -> int:
 
 
 def capture(model: torch.nn.Module) -> Captured:
-    """Capture ``model`` (a transformers model) as a GraphModule with dynamic batch and sequence."""
+    """Capture ``model`` (a transformers model) as a GraphModule with dynamic batch and sequence; from the
+    cache when this model object was captured before and its fingerprint has not changed."""
     config = getattr(model, "config", None)
     if config is None:
         raise ModelError(f"{type(model).__name__} has no .config: peftc captures Hugging Face models")
+    ids, mask = example_inputs(vocab=min(32, getattr(config, "vocab_size", 32) or 32))
+    max_seq = max_positions(config)
+    if os.environ.get("PEFTC_CAPTURE_CACHE", "1") == "0":
+        return _export(model, config, ids, mask, max_seq)
+    start = time.perf_counter()
+    key = fingerprint(model, config, ids, mask, max_seq)
+    entry = _CACHE.get(model)
+    if entry is not None and entry.fingerprint == key:
+        gm = copy_graph_module(entry.gm)
+        return Captured(gm=gm, kind=entry.kind, config=config, seconds=time.perf_counter() - start, cached=True)
+    captured = _export(model, config, ids, mask, max_seq)
+    _CACHE[model] = _Entry(key, captured.gm, captured.kind)
+    gm = copy_graph_module(captured.gm)
+    return Captured(gm=gm, kind=captured.kind, config=config, seconds=time.perf_counter() - start)
+
+
+def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tensor, max_seq: int) -> Captured:
+    start = time.perf_counter()
     was_training = model.training
     model.eval()
-    ids, mask = example_inputs(vocab=min(32, getattr(config, "vocab_size", 32) or 32))
     with torch.no_grad():
         probe = model(input_ids=ids, attention_mask=mask, use_cache=False)
     if getattr(probe, "logits", None) is not None:
@@ -73,18 +101,71 @@ def capture(model: torch.nn.Module) -> Captured:
         kind, output = "encoder", "last_hidden_state"
     else:
         raise ModelError(f"{type(model).__name__} returns neither logits nor last_hidden_state")
-    start = time.perf_counter()
     try:
         ep = torch.export.export(_Wrapper(model, output), (ids, mask),
-                                 dynamic_shapes=dynamic_shapes(max_positions(config)), strict=False)
+                                 dynamic_shapes=dynamic_shapes(max_seq), strict=False)
     except Exception as exc:
         raise ModelError(f"torch.export could not capture {type(model).__name__}: {exc}") from exc
     finally:
         model.train(was_training)
     gm = ep.module()
+    _freeze(gm)
+    return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start)
+
+
+# --- the capture cache -----------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    fingerprint: tuple
+    gm: GraphModule      # pristine: never run through a pass; only copies of it are handed out
+    kind: str
+
+
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, _Entry] = weakref.WeakKeyDictionary()
+
+
+def clear_cache() -> None:
+    """Forget every cached capture."""
+    _CACHE.clear()
+
+
+def fingerprint(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tensor, max_seq: int) -> tuple:
+    """What a capture of ``model`` depends on: its class and config, which module objects it holds, which
+    tensor objects its parameters and buffers are (with shape, dtype and device), and the example inputs.
+    The captured graph reads the model's own tensor objects, so in-place weight updates leave it valid;
+    replacing a module or a parameter, or moving the model to another dtype or device, changes this.
+    Modules are held as weak references (equal while their referents are alive and the same object)."""
+    tensors = tuple((name, id(t), tuple(t.shape), t.dtype, t.device)
+                    for name, t in chain(model.named_parameters(remove_duplicate=False),
+                                         model.named_buffers(remove_duplicate=False)))
+    modules = tuple((name, weakref.ref(module)) for name, module in model.named_modules(remove_duplicate=False))
+    inputs = tuple((tuple(t.shape), t.dtype) for t in (ids, mask))
+    return (type(model), _config_text(config), getattr(config, "_attn_implementation", None),
+            tensors, modules, inputs, max_seq)
+
+
+def _config_text(config) -> str:
+    """A transformers config as its JSON; another config object as the repr of its attributes."""
+    to_json = getattr(config, "to_json_string", None)
+    return to_json() if to_json is not None else repr(sorted(vars(config).items()))
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A GraphModule with its own graph, submodules and node metadata dicts (whose values it shares), reading
+    the very parameter and buffer tensors of ``gm``: passes can rewrite the copy without touching ``gm``."""
+    memo = {id(t): t for t in chain(gm.parameters(), gm.buffers())}
+    with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        out = copy.deepcopy(gm, memo)
+    _freeze(out)
+    return out
+
+
+def _freeze(gm: GraphModule) -> None:
+    """Base weights do not require gradients. They are the model's own parameter objects: a capture freezes
+    the model's parameters too."""
     for param in gm.parameters():
         param.requires_grad_(False)
-    return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start)
 
 
 def module_path(node: Node) -> str | None:

@@ -41,6 +41,8 @@ class Prepared:
 
 
 def prepare(model: nn.Module | str) -> Prepared:
+    """Load (for a reference), capture and analyse ``model``. The timings name the capture ``capture``, or
+    ``capture_cached`` when it was a copy of an earlier capture of the same model object."""
     ref = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or type(model).__name__
     timings: dict[str, float] = {}
     if isinstance(model, str):
@@ -48,7 +50,7 @@ def prepare(model: nn.Module | str) -> Prepared:
         model = load_model(model)
         timings["load"] = time.perf_counter() - start
     captured = capture(model)
-    timings["capture"] = captured.seconds
+    timings["capture_cached" if captured.cached else "capture"] = captured.seconds
     start = time.perf_counter()
     sites = analyze(captured.gm)
     timings["analysis"] = time.perf_counter() - start

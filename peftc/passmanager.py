@@ -1,8 +1,10 @@
 """The pass manager: one pass per spec statement, looked up in a registry keyed by the DSL keyword.
 
-A pass is a small class with ``keyword`` and ``run(ctx, statement) -> PassResult``. Every node it inserts
-is tagged through :meth:`CompileContext.tag` with the pass and the statement's span. After each pass the
-graph is linted and recompiled; a failure is reported as "error in pass X (file:line:col) after [A, B]"."""
+A pass is a small class with ``keyword`` and ``run(ctx, statement) -> PassResult``, and optionally
+``finish(ctx) -> PassResult``, run once after its last statement (LoRA fuses A projections there). Every
+node it inserts is tagged through :meth:`CompileContext.tag` with the pass and the statement's span. After
+each step that modified the graph it is linted, and recompiled once at the end; a failure is reported as
+"error in pass X (file:line:col) after [A, B]"."""
 from __future__ import annotations
 
 import importlib
@@ -106,6 +108,7 @@ class PassManager:
     def __init__(self, ctx: CompileContext):
         self.ctx = ctx
         self.done: list[str] = []
+        self.modified = False
 
     def run(self) -> GraphModule:
         registry = load_passes()
@@ -115,21 +118,33 @@ class PassManager:
                 raise SpecError.at(statement.span, f"'{statement.method}' is not supported yet: "
                                    "it parses and validates, but no pass compiles it in this version",
                                    spec.source)
-        for index, statement in order(spec.statements):
+        ordered = order(spec.statements)
+        last = {statement.method: position for position, (_, statement) in enumerate(ordered)}
+        for position, (index, statement) in enumerate(ordered):
             pass_ = registry[statement.method]()
             span = statement.span
             where = f"{span.filename or '<spec>'}:{span.line}:{span.column}"
-            start = time.perf_counter()
-            try:
-                result = pass_.run(self.ctx, statement, index)
-                self.ctx.gm = result.graph_module
-                self.ctx.gm.graph.lint()
-                self.ctx.gm.recompile()
-            except (SpecError, PeftcError):
-                raise
-            except Exception as exc:
-                raise PassError(f"error in pass '{statement.method}' ({where}) after "
-                                f"[{', '.join(self.done)}]: {type(exc).__name__}: {exc}") from exc
-            self.ctx.timings[f"{statement.method}@{where}"] = time.perf_counter() - start
+            self._step(statement.method, where, lambda: pass_.run(self.ctx, statement, index))
             self.done.append(statement.method)
+            finish = getattr(pass_, "finish", None)
+            if finish is not None and last[statement.method] == position:
+                self._step(statement.method, "finish", lambda: finish(self.ctx))
+        if self.modified:       # no pass runs the graph module, so its code is generated once
+            self.ctx.gm.recompile()
         return self.ctx.gm
+
+    def _step(self, method: str, where: str, step) -> None:
+        """Run one step (a statement's pass, or a pass's finish): lint, time, report failures."""
+        start = time.perf_counter()
+        try:
+            result = step()
+            self.ctx.gm = result.graph_module
+            if result.modified:
+                self.ctx.gm.graph.lint()
+                self.modified = True
+        except (SpecError, PeftcError):
+            raise
+        except Exception as exc:
+            raise PassError(f"error in pass '{method}' ({where}) after "
+                            f"[{', '.join(self.done)}]: {type(exc).__name__}: {exc}") from exc
+        self.ctx.timings[f"{method}@{where}"] = time.perf_counter() - start

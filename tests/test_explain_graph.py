@@ -52,11 +52,12 @@ def test_graph_draws_the_block_with_inserted_nodes_highlighted(tmp_path, capsys)
     ns = "{http://www.w3.org/2000/svg}"
     texts = [t.text for t in root.iter(f"{ns}text")]
     assert "layer 1 before" in texts and any(t.startswith("layer 1 after") for t in texts)
-    # call nodes (weights are not drawn): lora 2 sites x (linear, linear, mul, add); ia3 one mul;
-    # adapter linear, relu, linear, mul, add
-    assert texts.count("+lora") == 8 and texts.count("+ia3") == 1 and texts.count("+adapter") == 5
+    # call nodes (weights are not drawn): lora's 2 sites share their input, so one cat of the A weights,
+    # one linear and a slice per site, then 2 x (linear, mul, add); ia3 one mul; adapter linear, relu,
+    # linear, mul, add
+    assert texts.count("+lora") == 10 and texts.count("+ia3") == 1 and texts.count("+adapter") == 5
     highlighted = [r for r in root.iter(f"{ns}rect") if r.get("fill") == "#ffd8a8"]
-    assert len(highlighted) == 8 + 1 + 5
+    assert len(highlighted) == 10 + 1 + 5
     assert main(["graph", str(tmp_path / "s.peft"), "--model", "tiny-llama", "--layer", "9",
                  "--out", str(svg)]) == 1
     assert "--layer 9: tiny-llama has layers 0..3" in capsys.readouterr().err
