@@ -15,6 +15,9 @@ One function, :func:`train`, serves the command line, the tests and ``torchrun``
 * **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP (gloo on CPU,
   NCCL on GPUs) with every frozen tensor on DDP's ignore list: only the trainable parameters are
   broadcast at start and all-reduced after each backward.
+* **Head on labelled positions only.** When no pass rewrote the output head, the model runs up to the
+  head's input (:func:`peftc.headloss.head_split`) and the head and the loss are computed on the labelled
+  positions only, in chunks (:func:`peftc.headloss.head_loss_sum`); otherwise on full logits.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from .data import IGNORE, Example, collate, load_codec, read_jsonl, split_eval, 
     steps_for_epochs, tokenize
 from .errors import PeftcError
 from .fsutil import atomic_dir, atomic_path, load_tensors, save_tensors, write_json, write_text
+from .headloss import head_split
 from .models import DEFAULT_MODEL
 
 CHECKPOINTS = "checkpoints"
@@ -144,24 +148,31 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class CausalLMWithLoss(nn.Module):
     """A thin wrapper that gives a CompiledModel the calling convention of the ``transformers`` Trainer:
-    ``forward(input_ids, attention_mask=None, labels=None)`` returns ``{"loss", "logits"}``, the loss being
-    the mean next-token cross-entropy over labels that are not -100 (labels are *not* pre-shifted, as in
-    transformers). The wrapped model is ``.model``; save the adapter with ``.model.save_hf_peft(dir)``.
-    ``accepts_loss_kwargs`` makes the Trainer pass ``num_items_in_batch``, so with gradient accumulation the
-    loss is the mean over the whole accumulated batch, as in ``peftc train``."""
+    ``forward(input_ids, attention_mask=None, labels=None)`` returns ``{"loss"}`` with labels and
+    ``{"logits"}`` without, the loss being the mean next-token cross-entropy over labels that are not -100
+    (labels are *not* pre-shifted, as in transformers). With labels, the head runs on the labelled positions
+    only (:mod:`peftc.headloss`), so there are no logits to return; a spec that rewrites the head gets the
+    loss from full logits and returns both, as before. The wrapped model is ``.model``; save the adapter with
+    ``.model.save_hf_peft(dir)``. ``accepts_loss_kwargs`` makes the Trainer pass ``num_items_in_batch``, so
+    with gradient accumulation the loss is the mean over the whole accumulated batch, as in ``peftc train``."""
     accepts_loss_kwargs = True
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # outside the module tree: the split holds self.model, whose parameters are registered already
+        object.__setattr__(self, "split", head_split(model))
 
     def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None):
-        logits = self.model(input_ids, attention_mask)
-        out = {"logits": logits}
-        if labels is not None:
-            total = token_loss_sum(logits, labels)
-            count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE).sum()
-            out["loss"] = total / torch.as_tensor(count, device=total.device).clamp(min=1)
+        if labels is None:
+            return {"logits": self.model(input_ids, attention_mask)}
+        if self.split is not None:
+            total, out = self.split.loss_sum(self.split(input_ids, attention_mask), labels), {}
+        else:
+            logits = self.model(input_ids, attention_mask)
+            total, out = token_loss_sum(logits, labels), {"logits": logits}
+        count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE).sum()
+        out["loss"] = total / torch.as_tensor(count, device=total.device).clamp(min=1)
         return out
 
 
@@ -217,10 +228,11 @@ def wrap_ddp(model: nn.Module, dist_info: Dist, device: torch.device) -> nn.Modu
     return DDP(model, device_ids=ids, broadcast_buffers=False)
 
 
-def synchronised_parameters(ddp: nn.Module) -> list[str]:
-    """Names of the parameters a DDP wrapper keeps in sync (for tests and the log)."""
+def synchronised_parameters(ddp: nn.Module, model: nn.Module) -> list[str]:
+    """Names in ``model`` of the parameters a DDP wrapper (of ``model`` or of its head split) keeps in
+    sync (for tests and the log)."""
     keep = {id(p) for p in ddp._module_parameters}
-    return [n for n, p in ddp.module.named_parameters() if id(p) in keep]
+    return [n for n, p in model.named_parameters() if id(p) in keep]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -371,11 +383,14 @@ def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
         log.add(f"# trainable params: {report.trainable:,d} of {report.total:,d}; lr {config.lr:g} "
                 f"{config.schedule}, warm-up {config.warmup}; seed {config.seed}; device {device}")
 
-    runner: nn.Module = model
+    split = head_split(model)
+    # the module a step runs (and DDP wraps): the model up to its head's input, or the whole model
+    runner: nn.Module = model if split is None else split
+    loss_of = token_loss_sum if split is None else split.loss_sum
     synchronised: list[str] = []
     if world > 1:
-        runner = wrap_ddp(model, dist_info, device)
-        synchronised = synchronised_parameters(runner)
+        runner = wrap_ddp(runner, dist_info, device)
+        synchronised = synchronised_parameters(runner, model)
         _say(dist_info, f"DDP over {world} processes ({dist_info.backend}): "
                         f"{len(synchronised)} trainable tensors synchronised, frozen weights ignored")
     forward = torch.compile(runner, dynamic=True) if config.torch_compile else runner
@@ -401,8 +416,7 @@ def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
                 batch = {key: value.to(device) for key, value in batch.items()}
                 sync = runner.no_sync() if world > 1 and k < config.grad_accum - 1 else contextlib.nullcontext()
                 with sync:
-                    logits = forward(batch["input_ids"], batch["attention_mask"])
-                    loss_sum = token_loss_sum(logits, batch["labels"])
+                    loss_sum = loss_of(forward(batch["input_ids"], batch["attention_mask"]), batch["labels"])
                     (loss_sum * scale).backward()
                 sums[0] += loss_sum.item()
                 sums[1] += int(batch["attention_mask"].sum())
@@ -465,14 +479,17 @@ def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
 
 def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
                   device: torch.device) -> float:
-    """Mean next-token loss over the targets of ``examples`` (dropout off)."""
+    """Mean next-token loss over the targets of ``examples`` (dropout off); ``model`` is a CompiledModel
+    (the head runs on the labelled positions only when it can, as in training)."""
     was = model.training
     model.eval()
+    split = head_split(model)
+    run, loss_of = (model, token_loss_sum) if split is None else (split, split.loss_sum)
     total = tokens = 0.0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-            total += token_loss_sum(model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).item()
+            total += loss_of(run(batch["input_ids"], batch["attention_mask"]), batch["labels"]).item()
             tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train(was)
     return total / max(1.0, tokens)
