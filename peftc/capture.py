@@ -45,6 +45,17 @@ class Captured:
     config: object       # the Hugging Face config
     seconds: float
     cached: bool = False  # the graph is a copy of a cached capture of the same model
+    #: the program torch.export gave, which the ONNX export reuses while the graph is unchanged
+    base: "BaseProgram | None" = None
+
+
+@dataclass
+class BaseProgram:
+    """The ExportedProgram of a capture and the code of its unmodified graph module: a compiled model whose
+    graph still has exactly that code (a merge that folded every adapter) is this program with other
+    weights, so :func:`peftc.onnx_export.export_onnx` converts it instead of capturing the model again."""
+    program: torch.export.ExportedProgram
+    code: str
 
 
 def example_inputs(batch: int = 2, seq: int = 8, vocab: int = 32, seed: int = 0):
@@ -82,11 +93,13 @@ def capture(model: torch.nn.Module) -> Captured:
     entry = _CACHE.get(model)
     if entry is not None and entry.fingerprint == key:
         gm = copy_graph_module(entry.gm)
-        return Captured(gm=gm, kind=entry.kind, config=config, seconds=time.perf_counter() - start, cached=True)
+        return Captured(gm=gm, kind=entry.kind, config=config, seconds=time.perf_counter() - start, cached=True,
+                        base=entry.base)
     captured = _export(model, config, ids, mask, max_seq)
-    _CACHE[model] = _Entry(key, captured.gm, captured.kind)
+    _CACHE[model] = _Entry(key, captured.gm, captured.kind, captured.base)
     gm = copy_graph_module(captured.gm)
-    return Captured(gm=gm, kind=captured.kind, config=config, seconds=time.perf_counter() - start)
+    return Captured(gm=gm, kind=captured.kind, config=config, seconds=time.perf_counter() - start,
+                    base=captured.base)
 
 
 def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tensor, max_seq: int) -> Captured:
@@ -110,7 +123,8 @@ def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tenso
         model.train(was_training)
     gm = ep.module()
     _freeze(gm)
-    return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start)
+    return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start,
+                    base=BaseProgram(ep, gm.code))
 
 
 # --- the capture cache -----------------------------------------------------------------------------------
@@ -119,6 +133,7 @@ class _Entry:
     fingerprint: tuple
     gm: GraphModule      # pristine: never run through a pass; only copies of it are handed out
     kind: str
+    base: BaseProgram
 
 
 _CACHE: weakref.WeakKeyDictionary[torch.nn.Module, _Entry] = weakref.WeakKeyDictionary()

@@ -72,8 +72,10 @@ def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: s
             torch.manual_seed(seed)
         gm = PassManager(ctx).run()
     timings = dict(prepared.timings, passes=time.perf_counter() - start)
-    return CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
-                         config=captured.config, model_ref=prepared.ref, timings=timings)
+    model = CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
+                          config=captured.config, model_ref=prepared.ref, timings=timings)
+    model.base_program = captured.base
+    return model
 
 
 def op_histogram(gm: GraphModule) -> Counter:
@@ -98,6 +100,8 @@ class CompiledModel(nn.Module):
         self.timings = dict(timings or {})
         #: what merge() folded into the weights (quantized bases come back as dequant(W))
         self.folded: list = []
+        #: the capture's own program (peftc.capture.BaseProgram), for an export without a second capture
+        self.base_program = None
         self.training = False
         self._set_dropout(False)
 
@@ -165,6 +169,7 @@ class CompiledModel(nn.Module):
         merged = CompiledModel(gm, spec=self.spec, sites=self.sites, records=kept, kind=self.kind,
                                config=self.config, model_ref=self.model_ref)
         merged.folded = folded
+        merged.base_program = self.base_program
         merged.train(self.training)
         return merged
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import logging
+import operator
 import time
 import warnings
 from collections import Counter
@@ -81,9 +83,13 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
     module.eval()
     try:
         start = time.perf_counter()
-        with torch.no_grad():
-            ep = _capture(module, ids, mask, dynamic_shapes(_max_sequence(module, config)))
-        seconds["capture"] = time.perf_counter() - start
+        ep = _reuse_capture(module)
+        if ep is None:
+            with torch.no_grad():
+                ep = _capture(module, ids, mask, dynamic_shapes(_max_sequence(module, config)))
+            seconds["capture"] = time.perf_counter() - start
+        else:
+            seconds["reuse_capture"] = time.perf_counter() - start
         start = time.perf_counter()
         with _quiet():
             program, route = _convert(ep, (ids, mask))
@@ -123,6 +129,41 @@ def _max_sequence(module, config) -> int:
     """The longest input: the model's positions, less those a soft prompt takes (a record's ``positions``)."""
     limit = max_positions(config) if config else 8192
     return limit - sum(getattr(r, "positions", 0) for r in getattr(module, "records", ()))
+
+
+def _reuse_capture(module) -> torch.export.ExportedProgram | None:
+    """The program torch.export gave when ``module`` was compiled, with ``module``'s weights, when its graph
+    is still exactly the captured one (every adapter folded by merge); else None."""
+    base = getattr(module, "base_program", None)
+    gm = getattr(module, "graph_module", None)
+    if base is None or gm is None or gm.code != base.code:
+        return None
+    program = base.program
+
+    def current(tables: dict) -> dict | None:
+        out = {}
+        for name, old in tables.items():
+            if not isinstance(old, torch.Tensor):
+                out[name] = old
+                continue
+            try:
+                new = operator.attrgetter(name)(gm)
+            except AttributeError:
+                return None
+            if not isinstance(new, torch.Tensor) or new.shape != old.shape or new.dtype != old.dtype:
+                return None
+            out[name] = new
+        return out
+    state, constants = current(program.state_dict), current(program.constants)
+    if state is None or constants is None:
+        return None
+    with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        root = copy.deepcopy(program.graph_module)      # the conversion rewrites the graph in place
+    return torch.export.ExportedProgram(
+        root=root, graph=root.graph, graph_signature=copy.deepcopy(program.graph_signature), state_dict=state,
+        range_constraints=program.range_constraints, module_call_graph=copy.deepcopy(program.module_call_graph),
+        constants=constants, verifiers=program.verifiers)
 
 
 def _capture(module, ids, mask, shapes):

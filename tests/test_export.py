@@ -97,3 +97,26 @@ def test_both_conversion_routes_agree_with_torch(ref, route, tmp_path):
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     with torch.no_grad():
         assert abs(got - merged(ids, mask).numpy()).max() <= 1e-4
+
+
+def test_merged_export_reuses_the_capture_and_equals_a_fresh_one(tmp_path):
+    """A merge that folded everything leaves the captured graph as it was: the export converts the program
+    torch.export gave at compile time, with the merged weights, instead of capturing again. Its ONNX gives
+    what a fresh capture's ONNX gives; a model that keeps a branch is captured again."""
+    import onnxruntime as ort
+    model = peftc.compile(peftc.load_model("tiny-llama"), "lora q, v, down r=4 alpha=8\nia3 k")
+    randomize_adapters(model)
+    merged = model.merge()
+    reused = peftc.export_onnx(merged, tmp_path / "reused.onnx")
+    assert "reuse_capture" in reused.seconds and "capture" not in reused.seconds
+    assert reused.max_abs_diff <= 1e-4
+    merged.base_program = None
+    fresh = peftc.export_onnx(merged, tmp_path / "fresh.onnx")
+    assert "capture" in fresh.seconds
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+    outputs = [ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+               .run(None, feed)[0] for name in ("reused", "fresh")]
+    assert abs(outputs[0] - outputs[1]).max() <= 1e-5
+    unmerged = peftc.export_onnx(model, tmp_path / "unmerged.onnx", verify=False)
+    assert "capture" in unmerged.seconds
