@@ -123,8 +123,58 @@ def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tenso
         model.train(was_training)
     gm = ep.module()
     _freeze(gm)
+    if grouped_query_attention(gm.graph):
+        gm.recompile()
     return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start,
                     base=BaseProgram(ep, gm.code))
+
+
+def grouped_query_attention(graph) -> int:
+    """Let SDPA read grouped keys and values as they are (``enable_gqa=True``) where the captured graph
+    copies them to every query head first (transformers' ``repeat_kv``: unsqueeze, expand, reshape). Same
+    result (tested bit-identical), without the copies of K and V per layer and their gradients' sums.
+    Returns how many attentions changed."""
+    aten = torch.ops.aten
+    changed = 0
+    for node in graph.nodes:
+        if node.target is not aten.scaled_dot_product_attention.default or node.kwargs.get("enable_gqa"):
+            continue
+        key, value = _repeated(node.args[1]), _repeated(node.args[2])
+        if key is None or value is None or key[1] != value[1]:
+            continue
+        old = node.args[1], node.args[2]
+        node.args = (node.args[0], key[0], value[0]) + tuple(node.args[3:])
+        node.kwargs = dict(node.kwargs, enable_gqa=True)
+        for reshape in old:
+            expand = reshape.args[0]
+            unsqueeze = expand.args[0]
+            for dead in (reshape, expand, unsqueeze):
+                graph.erase_node(dead)
+        changed += 1
+    return changed
+
+
+def _repeated(node) -> tuple[Node, int] | None:
+    """``(x, rep)`` when ``node`` is ``reshape(expand(unsqueeze(x, 2), [b, h, rep, s, d]), [b, h·rep, s, d])``
+    and nothing else reads the intermediate values; else None."""
+    aten = torch.ops.aten
+    chain = [node]
+    for target in (aten.reshape.default, aten.expand.default, aten.unsqueeze.default):
+        current = chain[-1]
+        if not (isinstance(current, Node) and current.op == "call_function" and current.target is target
+                and len(current.users) == 1):
+            return None
+        chain.append(current.args[0])
+    reshape, expand, unsqueeze, x = chain
+    if unsqueeze.args[1] != 2 or not all(isinstance(n.meta.get("val"), torch.Tensor) for n in chain):
+        return None
+    xv, ev, rv = x.meta["val"], expand.meta["val"], reshape.meta["val"]
+    if xv.dim() != 4 or ev.dim() != 5 or rv.dim() != 4:
+        return None
+    rep = ev.shape[2]
+    if not isinstance(rep, int) or ev.shape[1] != xv.shape[1] or rv.shape[1] != xv.shape[1] * rep:
+        return None
+    return x, rep
 
 
 # --- the capture cache -----------------------------------------------------------------------------------

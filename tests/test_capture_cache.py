@@ -128,3 +128,23 @@ def test_merge_of_a_cached_compile_leaves_the_base_weights_untouched(model, monk
     with torch.no_grad():
         assert torch.equal(base(ids), cold(model, "", monkeypatch)(ids))
         assert (merged(ids) - base(ids)).abs().max() > 1e-3       # the merged adapters are really there
+
+
+def test_grouped_query_attention_reads_kv_heads_without_copies(tiny):
+    """transformers repeats grouped keys and values for every query head before SDPA (a copy per layer);
+    the capture hands SDPA the grouped tensors with enable_gqa instead, and computes exactly what the
+    model computes, padded rows included."""
+    for ref in ("tiny-llama", "tiny-phi3"):
+        model = tiny(ref)
+        compiled = peftc.compile(model, "")
+        graph = compiled.graph_module.graph
+        attentions = [n for n in graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+        assert attentions and all(n.kwargs.get("enable_gqa") for n in attentions)
+        assert not any(n.target is torch.ops.aten.expand.default and n.users and
+                       next(iter(n.users)).target is torch.ops.aten.reshape.default for n in graph.nodes)
+        ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            assert torch.equal(compiled(ids, mask)[mask.bool()], expected[mask.bool()])
