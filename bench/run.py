@@ -233,7 +233,7 @@ def chart(rows: list[dict], path: Path) -> None:
         ax.set_yticks(range(len(mine)), [r["what"][:70] for r in mine], fontsize=7)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.invert_yaxis()
-        ax.set_xlabel("peftc / peer (median); green: goal met, red: missed, grey: no goal")
+        ax.set_xlabel("peftc / peer (median); green: goal met, red: missed, grey: no goal; ratios above 3 only in RESULTS.md", fontsize=8)
         ax.set_title(model)
     fig.tight_layout()
     with atomic_path(path) as tmp:

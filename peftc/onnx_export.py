@@ -160,10 +160,11 @@ def _reuse_capture(module) -> torch.export.ExportedProgram | None:
     with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         root = copy.deepcopy(program.graph_module)      # the conversion rewrites the graph in place
+        signature, calls = copy.deepcopy(program.graph_signature), copy.deepcopy(program.module_call_graph)
     return torch.export.ExportedProgram(
-        root=root, graph=root.graph, graph_signature=copy.deepcopy(program.graph_signature), state_dict=state,
-        range_constraints=program.range_constraints, module_call_graph=copy.deepcopy(program.module_call_graph),
-        constants=constants, verifiers=program.verifiers)
+        root=root, graph=root.graph, graph_signature=signature, state_dict=state,
+        range_constraints=program.range_constraints, module_call_graph=calls, constants=constants,
+        verifiers=program.verifiers)
 
 
 def _capture(module, ids, mask, shapes):
