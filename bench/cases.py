@@ -41,14 +41,16 @@ MIB = 2 ** 20
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-def _status(field: str) -> int:
+def status(field: str) -> int:
+    """A byte count from /proc/self/status (VmRSS: resident now; VmHWM: the peak since the last reset)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _release_and_reset_peak() -> None:
+def release_and_reset_peak() -> None:
+    """Hand freed memory back to the OS and reset the kernel's peak-RSS counter to the current RSS."""
     gc.collect()
     with contextlib.suppress(OSError):          # no glibc: freed memory simply stays with the process
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -103,14 +105,15 @@ def _hf_config(method: str):
     return PrefixTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM")
 
 
-def peftc_step_fn(model, ids, mask, labels):
+def peftc_step_fn(model, ids, mask, labels, head_only: bool = True):
     """One peftc training step as ``peftc train`` takes it: the compiled graph up to the head, then the head
-    and the loss only on labelled positions, in chunks (or the full logits when the head is rewritten)."""
+    and the loss only on labelled positions, in chunks (the full logits when the head is rewritten). With
+    ``head_only=False``: the same step computing the logits of every position, the loss on the labelled ones."""
     from peftc.headloss import head_split
     from peftc.train import token_loss_sum
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
-    split = head_split(model)
+    split = head_split(model) if head_only else None
     count = (labels[:, 1:] != -100).sum()
 
     def step():
@@ -119,20 +122,6 @@ def peftc_step_fn(model, ids, mask, labels):
         else:
             loss = token_loss_sum(model(ids, mask), labels)
         (loss / count).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
-def all_positions_step_fn(model, ids, mask, labels):
-    """The same step computing the logits of every position and the loss over the labelled ones."""
-    from peftc.train import token_loss_sum
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR)
-    count = (labels[:, 1:] != -100).sum()
-
-    def step():
-        (token_loss_sum(model(ids, mask), labels) / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -201,10 +190,10 @@ def group_train_memory(args) -> dict:
     ids, mask = _batch(base.config, args.batch, args.seq)
     step = build_case(args.case, base, ids, mask, ids.clone())
     step()
-    _release_and_reset_peak()
-    before = _status("VmRSS")
+    release_and_reset_peak()
+    before = status("VmRSS")
     step()
-    return {"case": args.case, "rss_before": before, "rss_peak": _status("VmHWM")}
+    return {"case": args.case, "rss_before": before, "rss_peak": status("VmHWM")}
 
 
 # --- peftc train on prompt/completion data --------------------------------------------------------------
@@ -228,8 +217,7 @@ def _traindata_step(variant: str, ref: str, base, ids, mask, labels):
     import peftc
     model = peftc.compile(base, METHODS["lora-qv"], seed=0)
     model.train()
-    make = peftc_step_fn if variant == "peftc" else all_positions_step_fn
-    return make(model, ids, mask, labels)
+    return peftc_step_fn(model, ids, mask, labels, head_only=variant == "peftc")
 
 
 def group_traindata(args) -> dict:
@@ -245,10 +233,10 @@ def group_traindata_memory(args) -> dict:
     ids, mask, labels = _completion_batch(args.model, args.data, args.batch, args.shots)
     step = _traindata_step(args.case, args.model, base, ids, mask, labels)
     step()
-    _release_and_reset_peak()
-    before = _status("VmRSS")
+    release_and_reset_peak()
+    before = status("VmRSS")
     step()
-    return {"case": args.case, "rss_before": before, "rss_peak": _status("VmHWM")}
+    return {"case": args.case, "rss_before": before, "rss_peak": status("VmHWM")}
 
 
 # --- compile --------------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ warm-up and ``--steps`` timed AdamW steps run; "step peak" is the highest RSS du
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import resource
@@ -34,25 +32,11 @@ LORA = "lora q, v r=8"
 CONFIGS = {"peftc-qlora": "peftc QLoRA (nf4 base)", "peftc-lora": "peftc LoRA (fp32 base)",
            "hf-bnb-qlora": "HF PEFT + bitsandbytes 4-bit"}
 MIB = 2 ** 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases import release_and_reset_peak, status  # noqa: E402  (bench/ is not a package)
 
 
 # --- measurements inside a worker ---------------------------------------------------------------------
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _release_and_reset_peak() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    Path("/proc/self/clear_refs").write_text("5")     # VmHWM := VmRSS
-
 
 def _batch(args, vocab: int):
     import torch
@@ -95,8 +79,8 @@ def worker_train(args) -> dict:
     before = {n: t.detach().clone() for n, t in list(frozen.items())[:8]}
     ids, mask = _batch(args, vocab)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    _release_and_reset_peak()
-    resident = _status("VmRSS")
+    release_and_reset_peak()
+    resident = status("VmRSS")
     times, losses = [], []
     for step in range(args.steps + 1):
         t0 = time.perf_counter()
@@ -112,7 +96,7 @@ def worker_train(args) -> dict:
         losses.append(loss.item())
     unchanged = all(torch.equal(before[n], frozen[n]) for n in before)
     return {"mode": args.mode, "setup_s": setup_s, "resident_before_step": resident,
-            "step_peak": _status("VmHWM"), "lifetime_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "step_peak": status("VmHWM"), "lifetime_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "step_s": statistics.median(times), "losses": losses, "frozen_unchanged": unchanged,
             "trainable": sum(p.numel() for p in params)}
 

@@ -17,6 +17,15 @@ def tiny():
     return _tiny
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread, and a busy machine makes two threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def randomize_adapters(model, seed: int = 0, scale: float = 0.2) -> None:
     """Give every inserted parameter non-zero values, so equivalence tests cannot pass trivially."""
     gen = torch.Generator().manual_seed(seed)

@@ -18,12 +18,7 @@ from peftc.train import CausalLMWithLoss, TrainConfig, token_loss_sum, train
 SPEC = "lora q, v r=4 alpha=8\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(prompt=(4, 6, 3), seq: int = 12, pad: int = 3, vocab: int = 512):

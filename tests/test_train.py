@@ -19,13 +19,7 @@ MEMORISE = "lora all-linear r=8 alpha=16\n"     # enough capacity for a tiny ran
 LEARN = MEMORISE + "lora head r=8 alpha=16\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and a busy machine makes two threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path: Path, rows) -> Path:
