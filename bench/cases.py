@@ -12,14 +12,11 @@ import contextlib
 import copy
 import ctypes
 import gc
-import io
 import json
-import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -297,18 +294,10 @@ def group_infer(args) -> dict:
     return {"batch": list(ids.shape), "times": _round_robin(runs, max(args.repeats, 10))}
 
 
-@contextlib.contextmanager
-def _quiet():
-    logger = logging.getLogger("torch.onnx")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logger.setLevel(logging.ERROR)
-        yield
-
-
 def _export_runs(ref: str, out: Path, details: list) -> tuple[dict, object]:
     import peftc
     from peftc.capture import dynamic_shapes, max_positions
+    from peftc.onnx_export import quiet
     base = _load(ref)
     base.config.use_cache = False
     merged = peftc.compile(base, INFER_SPEC, seed=0).merge()
@@ -318,7 +307,7 @@ def _export_runs(ref: str, out: Path, details: list) -> tuple[dict, object]:
         details.append(peftc.export_onnx(merged, out / "merged.onnx"))
 
     def plain():
-        with _quiet():
+        with quiet():
             torch.onnx.export(base, (), str(out / "plain.onnx"), kwargs={"input_ids": ids, "attention_mask": mask},
                               dynamo=True, dynamic_shapes=dynamic_shapes(max_positions(base.config)),
                               input_names=["input_ids", "attention_mask"], output_names=["logits"])

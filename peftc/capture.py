@@ -215,13 +215,18 @@ def _config_text(config) -> str:
     return to_json() if to_json is not None else repr(sorted(vars(config).items()))
 
 
+def deepcopy_quietly(obj, memo: dict | None = None):
+    """``copy.deepcopy``, without the FutureWarning torch's pytree specs (held by captured graphs) give when
+    they are deep-copied: nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(obj, memo)
+
+
 def copy_graph_module(gm: GraphModule) -> GraphModule:
     """A GraphModule with its own graph, submodules and node metadata dicts (whose values it shares), reading
     the very parameter and buffer tensors of ``gm``: passes can rewrite the copy without touching ``gm``."""
-    memo = {id(t): t for t in chain(gm.parameters(), gm.buffers())}
-    with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        out = copy.deepcopy(gm, memo)
+    out = deepcopy_quietly(gm, {id(t): t for t in chain(gm.parameters(), gm.buffers())})
     _freeze(out)
     return out
 

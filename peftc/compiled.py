@@ -1,9 +1,7 @@
 """``peftc.compile`` and :class:`CompiledModel`, the trainable rewritten model."""
 from __future__ import annotations
 
-import copy
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +11,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .analysis import ModelSites, analyze
-from .capture import capture
+from .capture import capture, deepcopy_quietly
 from .memory import WeightBytes
 from .models import load_model
 from .passmanager import META_KEY, CompileContext, PassManager, load_passes
@@ -151,9 +149,7 @@ class CompiledModel(nn.Module):
     def merge(self) -> "CompiledModel":
         """A copy with every foldable adapter folded into the base weights (checked for NaN/inf first)."""
         registry = load_passes()
-        with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            gm = copy.deepcopy(self.graph_module)
+        gm = deepcopy_quietly(self.graph_module)
         kept, folded = [], []
         # records fold in the order the passes ran: a quantized base (quant, rank 40) turns back into the
         # float linear dequant(W) before the LoRA on it (rank 60) is added to that weight

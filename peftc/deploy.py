@@ -10,8 +10,6 @@ The re-quantized targets re-quantize the linears the spec's ``quant`` statements
 ONNX Runtime check, each target reports how far its logits move from the float32 merged model."""
 from __future__ import annotations
 
-import copy
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from .analysis import LinearSite
+from .capture import deepcopy_quietly
 from .errors import ExportError
 from .onnx_export import ExportResult, _verify_inputs, export_onnx
 from .onnx_fp16 import MIN_ELEMENTS, weights_to_fp16
@@ -67,19 +66,13 @@ def _copy_model(merged, gm):
                          config=merged.config, model_ref=merged.model_ref)
 
 
-def _copy_gm(merged):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(merged.graph_module)
-
-
 def target_model(merged, target: str, *, block: int | None = None):
     """The torch model a target's ONNX file computes: the reference its ONNX Runtime output is checked against."""
     if target not in TARGETS:
         raise ExportError(f"unknown export target '{target}'; targets: {', '.join(TARGETS)}")
     if target == "fp32":
         return merged
-    gm = _copy_gm(merged)
+    gm = deepcopy_quietly(merged.graph_module)
     if target == "fp16":
         with torch.no_grad():
             for param in gm.parameters():

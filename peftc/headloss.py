@@ -9,9 +9,7 @@ rows only, ``chunk`` rows at a time. It computes each chunk's gradients in the f
 """
 from __future__ import annotations
 
-import copy
 import operator
-import warnings
 from typing import Callable
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 from torch.fx import Graph, Node
 from torch.fx.node import map_arg
 
+from .capture import deepcopy_quietly
 from .data import IGNORE
 from .errors import PeftcError
 from .passmanager import META_KEY
@@ -44,9 +43,7 @@ def head_split(model) -> "HeadSplit | None":
 def _cut(graph: Graph, head: str) -> tuple[Graph, str, str | None] | None:
     """A copy of ``graph`` that returns the head's input instead of its output, with the get_attr targets
     of the head's weight and bias; None when the head is not one :func:`head_split` accepts."""
-    with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        graph = copy.deepcopy(graph)
+    graph = deepcopy_quietly(graph)
     node = next((n for n in graph.nodes if n.name == head), None)
     if (node is None or node.op != "call_function" or node.target is not aten.linear.default or node.kwargs
             or META_KEY in node.meta or not isinstance(node.args[0], Node)):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import io
 import logging
@@ -17,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .capture import dynamic_shapes, example_inputs, max_positions
+from .capture import deepcopy_quietly, dynamic_shapes, example_inputs, max_positions
 from .errors import ExportError
 from .fsutil import atomic_path
 from .qops import onnx_blockers, translation_table
@@ -91,7 +90,7 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
         else:
             seconds["reuse_capture"] = time.perf_counter() - start
         start = time.perf_counter()
-        with _quiet():
+        with quiet():
             program, route = _convert(ep, (ids, mask))
         seconds["convert"] = time.perf_counter() - start
     except Exception as exc:
@@ -157,10 +156,9 @@ def _reuse_capture(module) -> torch.export.ExportedProgram | None:
     state, constants = current(program.state_dict), current(program.constants)
     if state is None or constants is None:
         return None
-    with warnings.catch_warnings():   # torch's pytree specs warn when deep-copied; nothing to act on
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        root = copy.deepcopy(program.graph_module)      # the conversion rewrites the graph in place
-        signature, calls = copy.deepcopy(program.graph_signature), copy.deepcopy(program.module_call_graph)
+    # the conversion rewrites the graph in place: the program keeps its own
+    root, signature, calls = deepcopy_quietly((program.graph_module, program.graph_signature,
+                                               program.module_call_graph))
     return torch.export.ExportedProgram(
         root=root, graph=root.graph, graph_signature=signature, state_dict=state,
         range_constraints=program.range_constraints, module_call_graph=calls, constants=constants,
@@ -295,7 +293,7 @@ def verify_onnx(module: torch.nn.Module, path: str | Path) -> tuple[float, str, 
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """torch.onnx prints progress lines and registration warnings; keep the user's terminal for ours."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
