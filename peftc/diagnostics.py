@@ -12,6 +12,8 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import PeftcError
+
 INDENT = "    "
 
 
@@ -42,24 +44,70 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
+#: the longest source line a diagnostic shows, in characters; a longer one is cut around the caret
+MAX_LINE = 200
+#: the most diagnostics ``str(SpecError)`` renders; the rest are counted
+MAX_SHOWN = 20
+
+
+def visible(char: str) -> str:
+    """``char`` as it is safe to show on a terminal: C0/C1 control characters (ESC, BEL, CSI...) and DEL
+    escaped as ``\\x1b``/``\\u009b``, a tab kept, everything else as it is."""
+    code = ord(char)
+    if char == "\t" or not (code < 0x20 or 0x7f <= code < 0xa0):
+        return char
+    return f"\\x{code:02x}" if code < 0x100 and code != 0x9b else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character escaped (see :func:`visible`); newlines too."""
+    return "".join(visible(c) if c != "\t" else "\\t" for c in text)
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text``, or its beginning and end around `` ... `` when longer than ``limit``."""
+    if len(text) <= limit:
+        return text
+    keep = limit - 5
+    return f"{text[:keep * 3 // 4]} ... {text[len(text) - keep // 4:]}"
+
+
 def render(diagnostic: Diagnostic, source: str | None) -> str:
     """The diagnostic as ``file:line:col: error: message; hint``, then its source line and a caret line
-    under the span (at least one ``^``); just the first line when the source line is unknown."""
+    under the span (at least one ``^``); just the first line when the source line is unknown. Control
+    characters are shown escaped, and a source line longer than :data:`MAX_LINE` is cut to the part around
+    the caret (``...`` marks a cut), the caret still under the character it points at."""
     span = diagnostic.span
     message = diagnostic.message + (f"; {diagnostic.hint}" if diagnostic.hint else "")
-    head = f"{span}: error: {message}"
+    head = escape(_shorten(f"{span}: error: {message}", 2 * MAX_LINE))
     lines = source.split("\n") if source is not None else []
     if not 1 <= span.line <= len(lines):
         return head
     text = lines[span.line - 1].rstrip("\r")
-    end = span.end_column if span.end_line == span.line else len(text) + 1
-    pad = "".join("\t" if c == "\t" else " " for c in text[:span.column - 1]).ljust(span.column - 1)
-    return f"{head}\n{INDENT}{text}\n{INDENT}{pad}{'^' * max(1, end - span.column)}"
+    start = max(span.column - 1, 0)                                   # [start, end): 0-based characters
+    end = max((span.end_column if span.end_line == span.line else len(text) + 1) - 1, start + 1)
+    first = 0 if len(text) <= MAX_LINE else max(0, start - MAX_LINE // 4)
+    shown = [visible(c) for c in text[first:first + MAX_LINE]]
+    count, width = 0, 0
+    while count < len(shown) and width + len(shown[count]) <= MAX_LINE:
+        width += len(shown[count])
+        count += 1
+    count = max(count, min(start - first + 1, len(shown)))           # the caret's character is shown
+    last = first + count
+    line = ("..." if first else "") + "".join(shown[:count]) + ("..." if last < len(text) else "")
+    pad = " " * (3 if first else 0) + "".join("\t" if s == "\t" else " " * len(s)
+                                               for s in shown[:start - first])
+    pad += " " * max(0, start - len(text))                           # past the end of the line
+    marked = sum(len(s) for s in shown[start - first:min(end, last) - first])
+    if last >= len(text):
+        marked += max(0, end - max(len(text), start))
+    return f"{head}\n{INDENT}{line}\n{INDENT}{pad}{'^' * max(1, marked)}"
 
 
-class SpecError(ValueError):
+class SpecError(PeftcError, ValueError):
     """One or more mistakes in a spec. ``diagnostics`` are sorted by position; ``line``, ``column`` and
-    ``filename`` are the first one's; ``str()`` renders them all."""
+    ``filename`` are the first one's; ``str()`` renders the first :data:`MAX_SHOWN` of them and counts
+    the rest."""
 
     def __init__(self, diagnostics: Iterable[Diagnostic], source: str | None = None):
         self.diagnostics = sorted(diagnostics, key=lambda d: (d.span.line, d.span.column))
@@ -68,7 +116,11 @@ class SpecError(ValueError):
         self.source = source
         first = self.diagnostics[0].span
         self.line, self.column, self.filename = first.line, first.column, first.filename
-        super().__init__("\n".join(render(d, source) for d in self.diagnostics))
+        shown = [render(d, source) for d in self.diagnostics[:MAX_SHOWN]]
+        more = len(self.diagnostics) - MAX_SHOWN
+        if more > 0:
+            shown.append(f"... and {more} more error{'s' if more > 1 else ''}")
+        super().__init__("\n".join(shown))
 
     @classmethod
     def at(cls, span: Span, message: str, source: str | None, hint: str | None = None) -> "SpecError":

@@ -6,6 +6,7 @@ so that every mistake in a file is reported, in source order, in one SpecError."
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from typing import Any, Iterator
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
-from .diagnostics import Diagnostic, Span, SpecError, did_you_mean
+from .diagnostics import Diagnostic, Span, SpecError, did_you_mean, visible
 from .methods import ESCAPES, METHODS, TYPE_WORDS, MethodSpec, OptionSpec, quote
 
 GRAMMAR = "peft.lark"
+#: the largest finite float32: a float option must fit the tensors it ends up in
+FLOAT32_MAX = 3.4028234663852886e38
+BOM = "\ufeff"
 
 
 def grammar_path() -> Path:
@@ -122,7 +126,10 @@ class Spec:
 # ── the front end ──────────────────────────────────────────────────────────────────────────────────
 
 def parse(text: str, filename: str | None = None) -> Spec:
-    """Parse spec text; raise SpecError listing every mistake in it."""
+    """Parse spec text; raise SpecError listing every mistake in it. A byte-order mark at the start is
+    ignored."""
+    if text.startswith(BOM):
+        text = text[len(BOM):]
     pieces = [_Piece(piece, line, offset, filename) for line, offset, piece in _pieces(text)]
     statements = tuple(s for s in (piece.parse() for piece in pieces) if s is not None)
     errors = [error for piece in pieces for error in piece.errors]
@@ -132,11 +139,22 @@ def parse(text: str, filename: str | None = None) -> Spec:
 
 
 def parse_file(path: str | Path) -> Spec:
-    """Parse a UTF-8 spec file; its path is the filename in spans and diagnostics."""
+    """Parse a UTF-8 spec file (a byte-order mark at its start is accepted); its path is the filename in
+    spans and diagnostics. Bytes that are not UTF-8 are a SpecError at the line and column they start."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"spec file {path} does not exist")
-    return parse(path.read_text(encoding="utf-8"), str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        column = len(data[line_start:exc.start].decode("utf-8", errors="replace")) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SpecError.at(Span(line, column, line, column + 1, str(path)),
+                           f"not UTF-8 text: {exc.reason} (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                           None, "save the spec as UTF-8") from None
+    return parse(text, str(path))
 
 
 # a "string", a /regex/ or a comment (each possibly unterminated, left for lark to report), a separator,
@@ -306,6 +324,7 @@ class _Piece:
                 raise _Invalid(f"unknown role '{token.value}'", span, did_you_mean(token.value, method.role_words)
                                or "roles: " + ", ".join(method.role_words))
             return Target(kind, token.value, span)
+        self.printable(token, span)
         if kind == "glob":
             value = self.unquote(token)
             if not value:
@@ -318,7 +337,19 @@ class _Piece:
             re.compile(value)
         except re.error as error:
             raise _Invalid(f"invalid regex /{value}/: {error}", span) from None
+        except RecursionError:
+            raise _Invalid("invalid regex: nested too deeply for Python's regular expressions", span) from None
         return Target(kind, value, span)
+
+    def printable(self, token: Token, span: Span) -> None:
+        """Refuse a control character (ESC, BEL, ...) written raw inside a string or a regex: it would reach
+        terminals and files as it is, and no module path or prompt text needs one."""
+        for i, char in enumerate(token.value):
+            if char != "\t" and visible(char) != char:
+                raise _Invalid(f"control character {visible(char)} (U+{ord(char):04X}) in a "
+                               f"{'string' if token.type == 'STRING' else 'regex'}", self.at(
+                                   span.column - self.offset + i, span.column - self.offset + i + 1),
+                               "write the text without control characters")
 
     def unquote(self, token: Token) -> str:
         def escape(match: re.Match) -> str:
@@ -384,9 +415,13 @@ class _Piece:
                 raise _Invalid(f"empty layer range '{written}'", span, f"did you mean '{last}..{first}'?")
             return first, last
         if option.type == "str":
+            self.printable(item, span)
             value = self.unquote(item)
         else:
             value = written == "true" if option.type == "bool" else {"int": int, "float": float}.get(option.type, str)(written)
+        if option.type == "float" and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise _Invalid(f"{where} must be a finite number within float32 range (|x| <= 3.4e38), "
+                           f"got '{written}'", span)
         problem = option.violation(value)
         if problem:
             hint = did_you_mean(value, option.choices) if option.choices and isinstance(value, str) else None
