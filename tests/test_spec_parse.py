@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peftc import spec as spec_module
+from peftc.diagnostics import visible
 from peftc.methods import METHODS
 from peftc.spec import LayerSelection, Target, grammar_path, parse, parse_file, quote
 
@@ -188,7 +189,9 @@ def _compiles(pattern: str) -> bool:
 
 REGEXES = st.lists(st.sampled_from(["a", "b", r"\.", ".*", "[0-9]", r"\/", "(x|y)", "_proj", "+", "?", "#", ";"]),
                    min_size=1, max_size=6).map("".join).filter(_compiles)
-TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+# spec strings hold any text but raw control characters (escapes \n \r \t stand for those three)
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)).filter(lambda c: c in "\t\n\r" or visible(c) == c),
+               max_size=12)
 
 
 def target(method):
@@ -218,7 +221,7 @@ def option_value(method, option):
         return st.integers(low, 10_000).map(lambda i: (str(i), i))
     if option.type == "float":
         floats = st.floats(option.min, option.max, exclude_min=option.min_open, exclude_max=option.max_open,
-                           allow_nan=False, allow_infinity=False)
+                           allow_nan=False, allow_infinity=False, width=32)     # float options are float32
         return st.one_of(floats.map(lambda f: (repr(f), f)),
                          st.integers(1 if option.min_open else 0, 0 if option.max is not None else 99)
                          .map(lambda i: (str(i), float(i))))
