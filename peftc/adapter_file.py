@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import AdapterError
 from .fsutil import load_tensors, save_tensors
@@ -24,9 +25,17 @@ def save_adapter(model, directory: str | Path) -> Path:
     return path
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt one is an AdapterError naming it."""
+    try:
+        return load_tensors(path)
+    except SafetensorError as exc:
+        raise AdapterError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
 def load_adapter(model, directory: str | Path) -> None:
     path = Path(directory) / FILE
-    tensors = load_tensors(path)
+    tensors = read_tensors(path)
     params = model.adapter_parameters()
     unknown, missing = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
     if unknown or missing:

@@ -8,7 +8,7 @@ import re
 import torch
 
 from .errors import AdapterError
-from .hf_peft import KEY_PREFIX, Format, _targets, check_keys, register_format
+from .hf_peft import KEY_PREFIX, Format, _targets, check_bool, check_keys, check_modules, register_format
 
 
 def _key(path: str) -> str:
@@ -88,4 +88,11 @@ def _spec_text(config: dict, sites) -> str:
     return "ia3 " + ", ".join(json.dumps(p) for p in paths) + "\n"
 
 
-register_format(Format("ia3", "IA3", _save, _load, _spec_text))
+def _check(config: dict, path) -> None:
+    check_modules(config, "target_modules", path)
+    check_modules(config, "exclude_modules", path)
+    check_modules(config, "feedforward_modules", path)
+    check_bool(config, "fan_in_fan_out", path)
+
+
+register_format(Format("ia3", "IA3", _save, _load, _spec_text, _check))

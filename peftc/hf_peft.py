@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
+from .adapter_file import read_tensors
 from .errors import AdapterError, PassError
-from .fsutil import load_tensors, save_tensors, write_json
+from .fsutil import save_tensors, write_json
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -38,12 +39,14 @@ def _key(path: str, name: str) -> str:
 class Format:
     """One method's HF PEFT file format. ``save(model, records) -> (config fields, tensors)``;
     ``load(model, records, config, tensors, path)`` copies the tensors in (shapes checked);
-    ``spec_text(config, sites) -> str`` is the peftc spec the config describes."""
+    ``spec_text(config, sites) -> str`` is the peftc spec the config describes; ``check(config, path)``
+    refuses a config whose fields this format reads but cannot use (an AdapterError naming the field)."""
     method: str
     peft_type: str
     save: Callable
     load: Callable
     spec_text: Callable
+    check: Callable | None = None
 
 
 FORMATS: dict[str, Format] = {}
@@ -94,25 +97,36 @@ def save_hf_peft(model, directory: str | Path) -> Path:
     return directory
 
 
+def read_adapter(directory: str | Path) -> tuple[dict, Format]:
+    """The config of an HF PEFT adapter directory and the format it is in, every field that format reads
+    checked. The one validation of a directory's config: :func:`load_hf_peft` and :func:`load_adapter_weights`
+    (``CompiledModel.load_adapter``, ``peftc export``) both read through it."""
+    config = read_config(directory)
+    path = Path(directory) / CONFIG
+    fmt = _format_of(config, path)
+    if fmt.check is not None:
+        fmt.check(config, path)
+    return config, fmt
+
+
 def load_adapter_weights(model, directory: str | Path) -> None:
     """Copy the weights of an HF PEFT adapter directory into the matching sites of ``model``."""
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise AdapterError(f"{path} does not exist")
-    config = read_config(directory)
-    fmt = _format_of(config, Path(directory) / CONFIG)
+    config, fmt = read_adapter(directory)
     records = [r for r in adapter_records(model) if r.method == fmt.method]
     if not records:
         raise AdapterError(f"{path} holds a {fmt.peft_type} adapter; the compiled model has no "
                            f"'{fmt.method}' statement")
-    fmt.load(model, records, config, load_tensors(path), path)
+    fmt.load(model, records, config, read_tensors(path), path)
 
 
 def load_hf_peft(model, directory: str | Path):
     """Compile ``model`` (a transformers model or a reference) with the adapter an HF PEFT directory
     describes, and load its weights. Returns a CompiledModel."""
     from .compiled import compile_prepared, prepare
-    config = read_config(directory)
+    config, _ = read_adapter(directory)
     fmt = _format_of(config, Path(directory) / CONFIG)
     prepared = prepare(model)
     text = fmt.spec_text(config, prepared.sites)
@@ -210,19 +224,129 @@ def _save_lora(model, records) -> tuple[dict, dict]:
 
 
 def read_config(directory: str | Path) -> dict:
+    """``adapter_config.json`` as a dict; the fields every format shares checked (see :func:`read_adapter`
+    for the rest)."""
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise AdapterError(f"{path} does not exist: not an HF PEFT adapter directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from exc
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(config).__name__}")
     for field, default in UNSUPPORTED.items():
         if config.get(field, default) not in (default, [], {}):
             raise AdapterError(f"{path}: '{field}' = {config[field]!r} is not supported by peftc")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias = {config['bias']!r} is not supported (only 'none')")
     return config
+
+
+def read_json(path: Path):
+    """A JSON file's value; every way it can be unreadable is an AdapterError naming the file."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: not valid JSON: nested too deeply") from None
+
+
+# ── checks of config fields: each names the file, the field and the value ──────────────────────────────
+def _refuse(path, key: str, value, what: str):
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise AdapterError(f"{path}: '{key}' = {shown} is not {what}")
+
+
+REQUIRED = object()
+
+
+def check_int(config: dict, key: str, path, default=None, minimum: int = 1) -> None:
+    """``config[key]`` is an integer >= ``minimum``; a missing key reads as ``default`` (None: the field is
+    optional, :data:`REQUIRED`: it must be there)."""
+    value = config.get(key, default)
+    if value is REQUIRED:
+        raise AdapterError(f"{path}: '{key}' is missing")
+    if value is None and default is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _refuse(path, key, value, "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= 3.4028234663852886e38)
+
+
+def check_number(config: dict, key: str, path, default, low: float) -> None:
+    """A finite float32 number above ``low``."""
+    value = config.get(key, default)
+    if not _is_number(value) or value <= low:
+        _refuse(path, key, value, f"a finite number > {low:g}")
+
+
+def check_bool(config: dict, key: str, path) -> None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        _refuse(path, key, value, "true or false")
+
+
+def _regex(path, key: str, text: str) -> None:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise AdapterError(f"{path}: '{key}' has an invalid regular expression {text[:80]!r}: {exc}") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: '{key}' has a regular expression nested too deeply: {text[:80]!r}...") from None
+
+
+def check_modules(config: dict, key: str, path) -> None:
+    """None, a regular expression (matched against whole module paths), or a list of module names."""
+    value = config.get(key)
+    if value is None:
+        return
+    if isinstance(value, str):
+        _regex(path, key, value)
+    elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _refuse(path, key, value, "a list of module names or a regular expression")
+
+
+def check_patterns(config: dict, key: str, path, value_ok, what: str) -> None:
+    """A {regular expression: value} dict such as ``rank_pattern``."""
+    value = config.get(key)
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        _refuse(path, key, value, "an object of {regex: value}")
+    for pattern, item in value.items():
+        _regex(path, key, pattern)
+        if not value_ok(item):
+            raise AdapterError(f"{path}: '{key}' gives {pattern[:80]!r} the value {item!r}, which is not {what}")
+
+
+def check_layers(config: dict, key: str, path) -> None:
+    value = config.get(key)
+    items = [value] if isinstance(value, int) else value
+    if value is not None and (not isinstance(items, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items)):
+        _refuse(path, key, value, "a layer index or a list of layer indices")
+
+
+def _check_lora(config: dict, path) -> None:
+    check_int(config, "r", path, 8)
+    check_number(config, "lora_alpha", path, 8, 0)
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        _refuse(path, "lora_dropout", dropout, "a probability in [0, 1)")
+    check_bool(config, "use_rslora", path)
+    check_bool(config, "fan_in_fan_out", path)
+    check_modules(config, "target_modules", path)
+    check_modules(config, "exclude_modules", path)
+    check_layers(config, "layers_to_transform", path)
+    check_patterns(config, "rank_pattern", path,
+                   lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    check_patterns(config, "alpha_pattern", path, lambda v: _is_number(v) and v > 0, "a finite number > 0")
 
 
 def _targets(config: dict, path: str) -> bool:
@@ -291,6 +415,10 @@ def _load_lora(model, records, config: dict, tensors: dict, path) -> None:
                                f"{tuple(b.shape)}; the compiled model expects A {want_a} and B {want_b}")
         rank = _pattern(config.get("rank_pattern") or {}, module.path, config.get("r", 8))
         alpha = _pattern(config.get("alpha_pattern") or {}, module.path, config.get("lora_alpha", 8))
+        if rank != a.shape[0]:     # the file's own config must describe its own tensors, as HF PEFT requires
+            raise AdapterError(f"{Path(path).with_name(CONFIG)}: the LoRA of {module.path} has rank {rank} "
+                               f"by 'r'/'rank_pattern', but {path} holds rank-{a.shape[0]} factors "
+                               f"(A {tuple(a.shape)}, B {tuple(b.shape)})")
         file_scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         try:
             module.load(model.graph_module, a, b, file_scale)
@@ -298,4 +426,4 @@ def _load_lora(model, records, config: dict, tensors: dict, path) -> None:
             raise AdapterError(f"{path}: {exc}") from exc
 
 
-register_format(Format("lora", "LORA", _save_lora, _load_lora, spec_text_for))
+register_format(Format("lora", "LORA", _save_lora, _load_lora, spec_text_for, _check_lora))

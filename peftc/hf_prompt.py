@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .errors import AdapterError, ModelError
-from .hf_peft import Format, check_keys, register_format
+from .hf_peft import REQUIRED, Format, check_int, check_keys, register_format
 
 KEY = "prompt_embeddings"
 
@@ -170,13 +170,20 @@ def _prompt_spec(config: dict, sites) -> str:
 
 
 def _check_common(config: dict, path) -> None:
-    if config.get("num_transformer_submodules", 1) not in (1, None):
-        raise AdapterError(f"{path}: num_transformer_submodules = {config['num_transformer_submodules']} "
+    submodules = config.get("num_transformer_submodules", 1)
+    if submodules not in (1, None) or isinstance(submodules, bool):
+        raise AdapterError(f"{path}: num_transformer_submodules = {submodules!r} "
                            "(an encoder-decoder model) is not supported; peftc reads 1")
-    tokens = config.get("num_virtual_tokens")
-    if not isinstance(tokens, int) or tokens < 1:
-        raise AdapterError(f"{path}: num_virtual_tokens = {tokens!r} is not a positive integer")
+    check_int(config, "num_virtual_tokens", path, REQUIRED)
+    for key in ("num_layers", "token_dim", "num_attention_heads"):
+        check_int(config, key, path)
 
 
-register_format(Format("prefix", "PREFIX_TUNING", _save_prefix, _load_prefix, _prefix_spec))
-register_format(Format("prompt", "PROMPT_TUNING", _save_prompt, _load_prompt, _prompt_spec))
+def _check_prefix(config: dict, path) -> None:
+    _check_common(config, path)
+    for key in ("num_layers", "token_dim", "num_attention_heads"):    # the layout of prompt_embeddings
+        check_int(config, key, path, REQUIRED)
+
+
+register_format(Format("prefix", "PREFIX_TUNING", _save_prefix, _load_prefix, _prefix_spec, _check_prefix))
+register_format(Format("prompt", "PROMPT_TUNING", _save_prompt, _load_prompt, _prompt_spec, _check_common))
