@@ -171,9 +171,20 @@ def _load_hf_dir(directory: Path, ref: str) -> torch.nn.Module:
         archs = config.architectures or []
         cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
                                           for a in archs) else AutoModel
-        return cls.from_pretrained(str(directory), dtype=torch.float32, use_safetensors=True)
+        model, info = cls.from_pretrained(str(directory), dtype=torch.float32, use_safetensors=True,
+                                          output_loading_info=True)
     except Exception as exc:  # OSError, ValueError, KeyError... all mean "cannot load"
         raise ModelError(f"cannot load model '{ref}' from {directory}: {exc}") from exc
+    # transformers initialises a weight the checkpoint lacks at random and only logs it; a model that is
+    # partly random is not the model named (tied weights, e.g. lm_head under tie_word_embeddings, are not
+    # missing: transformers ties them after loading and leaves them out of missing_keys)
+    for kind, keys in (("missing", info.get("missing_keys")), ("of the wrong shape", info.get("mismatched_keys"))):
+        if keys:
+            names = sorted(k if isinstance(k, str) else k[0] for k in keys)
+            raise ModelError(f"cannot load model '{ref}': {len(names)} weight{'s' if len(names) > 1 else ''} "
+                             f"{kind} in {directory}'s safetensors: {', '.join(names[:5])}"
+                             f"{f' and {len(names) - 5} more' if len(names) > 5 else ''}")
+    return model
 
 
 def load_tokenizer(ref: str = DEFAULT_MODEL):
