@@ -63,6 +63,11 @@ def _check_record(obj, where: str) -> tuple[str, str]:
     for name in fields:
         if not isinstance(obj[name], str):
             raise ValueError(f"{where}: field '{name}' must be a string, got {type(obj[name]).__name__}")
+        try:     # JSON's \ud800 escapes can spell lone surrogates, which no tokenizer can encode
+            obj[name].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{where}: field '{name}' is not valid Unicode: lone surrogate "
+                             f"\\u{ord(obj[name][exc.start]):04x} at character {exc.start}") from None
     if has_text:
         if not obj["text"].strip():
             raise ValueError(f"{where}: field 'text' is empty")
@@ -95,6 +100,8 @@ def read_jsonl(path: str | Path) -> list[Record]:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: not JSON peftc can read: nested too deeply") from None
             prompt, completion = _check_record(obj, where)
         except ValueError as exc:
             errors.append(str(exc))
