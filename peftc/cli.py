@@ -142,13 +142,29 @@ def cmd_compile(args) -> int:
 
 def read_manifest(args) -> tuple[Path, dict, str]:
     """The directory ``args.dir`` written by ``peftc compile``/``train``, its manifest, and the model
-    reference (``--model`` overrides the manifest's)."""
+    reference (``--model`` overrides the manifest's). The manifest's ``spec`` must name a file inside the
+    directory (no absolute path, no '..', no link out of it); a manifest that is not JSON, lacks a key or
+    has one of the wrong type is a PeftcError naming it."""
+    from .errors import read_json
     directory = Path(args.dir)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise PeftcError(f"{directory} has no {MANIFEST}: make it with 'peftc compile SPEC --out {directory}' "
                          "or 'peftc train'")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise PeftcError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
+    for key in ("spec", *(() if args.model else ("model",))):
+        if key not in manifest:
+            raise PeftcError(f"{manifest_path}: '{key}' is missing")
+        if not isinstance(manifest[key], str) or not manifest[key]:
+            raise PeftcError(f"{manifest_path}: '{key}' must be a non-empty string, got {manifest[key]!r}")
+    spec = Path(manifest["spec"])
+    inside = directory.resolve()
+    if spec.is_absolute() or ".." in spec.parts or not (directory / spec).resolve().is_relative_to(inside):
+        raise PeftcError(f"{manifest_path}: 'spec' must name a file inside {directory}, got {str(spec)!r}")
+    if not (directory / spec).is_file():
+        raise PeftcError(f"{manifest_path}: 'spec' names {str(spec)!r}, which is not a file in {directory}")
     return directory, manifest, args.model or manifest["model"]
 
 
@@ -305,16 +321,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str) -> int:
+    """Print ``peftc: error: message`` (control characters escaped, no C++ stack) and return 1."""
+    from .diagnostics import escape
+    message = message.split("\nException raised from ")[0]          # torch appends the C++ frames
+    print("peftc: error: " + "\n".join(escape(line) for line in message.split("\n")), file=sys.stderr)
+    return 1
+
+
+def _os_error(exc: OSError, args) -> str:
+    """An OSError as ``file: reason``; one without a file (a full disk on write) names the command's output."""
+    import errno
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return f"{exc.filename}{f' -> {exc.filename2}' if exc.filename2 else ''}: {reason}"
+    output = getattr(args, "out", None) or getattr(args, "onnx", None)
+    if output and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {output}: {reason}"
+    return reason
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "not enough memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. peftc's own errors are printed without a traceback; so are the failures any input
+    can cause that a reader did not turn into one (a safety net: each names what it can), while any other
+    exception is a bug in peftc and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except SpecError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    except (PeftcError, FileNotFoundError, IsADirectoryError) as exc:
-        print(f"peftc: error: {exc}", file=sys.stderr)
-        return 1
+    except PeftcError as exc:
+        return _fail(str(exc))
+    except OSError as exc:                      # missing, unreadable or unwritable file, full disk
+        return _fail(_os_error(exc, args))
+    except UnicodeError as exc:
+        return _fail(f"text that is not valid UTF-8 or Unicode: {exc}")
+    except json.JSONDecodeError as exc:
+        return _fail(f"not valid JSON: {exc}")
+    except RecursionError:
+        return _fail("input nested too deeply to read (Python's recursion limit)")
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        return _fail(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     except KeyboardInterrupt:    # `peftc train` has said where its last complete checkpoint is
         print("peftc: interrupted", file=sys.stderr)
         return 130

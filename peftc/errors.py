@@ -2,6 +2,9 @@
 does not verify. Spec-text errors are :class:`peftc.diagnostics.SpecError`, which carries line and column."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class PeftcError(Exception):
     """Base of peftc's own errors; the CLI prints these without a traceback."""
@@ -21,3 +24,18 @@ class ExportError(PeftcError, RuntimeError):
 
 class AdapterError(PeftcError, ValueError):
     """An adapter file that does not fit the compiled model."""
+
+
+def read_json(path: str | Path, error: type[PeftcError] = PeftcError):
+    """The value of a JSON file peftc is given (a manifest, an adapter config): text that is not UTF-8
+    (a BOM is accepted), is not JSON, or nests too deeply for Python's parser is an ``error`` naming the
+    file, with the line and column where the parser stopped."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise error(f"{path}: not JSON peftc can read: nested too deeply") from None

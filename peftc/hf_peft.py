@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .adapter_file import read_tensors
-from .errors import AdapterError, PassError
+from .errors import AdapterError, PassError, read_json
 from .fsutil import save_tensors, write_json
 
 CONFIG = "adapter_config.json"
@@ -229,7 +229,7 @@ def read_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise AdapterError(f"{path} does not exist: not an HF PEFT adapter directory")
-    config = read_json(path)
+    config = read_json(path, AdapterError)
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(config).__name__}")
     for field, default in UNSUPPORTED.items():
@@ -238,18 +238,6 @@ def read_config(directory: str | Path) -> dict:
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias = {config['bias']!r} is not supported (only 'none')")
     return config
-
-
-def read_json(path: Path):
-    """A JSON file's value; every way it can be unreadable is an AdapterError naming the file."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise AdapterError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
-    except RecursionError:
-        raise AdapterError(f"{path}: not valid JSON: nested too deeply") from None
 
 
 # ── checks of config fields: each names the file, the field and the value ──────────────────────────────
