@@ -96,10 +96,13 @@ def _logits(model, ids, mask) -> np.ndarray:
         return model(ids, mask).float().numpy()
 
 
-def export_target(merged, path: str | Path, target: str = "fp32", *, block: int | None = None) -> TargetResult:
-    """Build the target's model, export it to ``path`` and verify it in ONNX Runtime."""
+def export_target(merged, path: str | Path, target: str = "fp32", *, block: int | None = None,
+                  check=None) -> TargetResult:
+    """Build the target's model, export it to ``path`` and verify it in ONNX Runtime. As with
+    :func:`peftc.onnx_export.export_onnx` (``check`` is its), ``path`` only ever receives a file that passed
+    the ONNX Runtime check; a failure leaves the previous one."""
     model = target_model(merged, target, block=block)
-    result = export_onnx(model, path, postprocess=weights_to_fp16 if target == "fp16" else None)
+    result = export_onnx(model, path, postprocess=weights_to_fp16 if target == "fp16" else None, check=check)
     ids, mask = _verify_inputs(merged)
     real = mask.numpy().astype(bool)
     reference = _logits(merged, ids, mask)

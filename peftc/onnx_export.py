@@ -64,10 +64,18 @@ def _verify_inputs(module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = True,
                 external_data: bool | None = None,
-                postprocess: Callable[[Path], None] | None = None) -> ExportResult:
+                postprocess: Callable[[Path], None] | None = None,
+                check: Callable[[ExportResult], str | None] | None = None) -> ExportResult:
     """Export ``module`` (a CompiledModel, merged or not, or any module taking input_ids and
     attention_mask) to ``path``. Runs onnx.checker and, with ``verify``, ONNX Runtime against torch.
-    ``postprocess`` may rewrite the written file (weights kept inside it) before it is checked."""
+    ``postprocess`` may rewrite the written file (weights kept inside it) before it is checked;
+    ``check(result)`` may refuse a verified result by returning the reason (a tolerance, say).
+
+    The file is written, checked and verified under a temporary name beside ``path`` (its external data,
+    if any, under a temporary name too, which the temporary model names) and only a file that passed is
+    renamed to ``path``; a failure leaves whatever was at ``path`` (and ``path.data``) as it was, and the
+    :class:`ExportError` says so. With external data, the verified data file is renamed to ``NAME.data``
+    just before the model to ``NAME``, so between those two renames the pair is briefly mismatched."""
     import onnx
     path = Path(path)
     config = getattr(module, "config", None)
@@ -101,26 +109,39 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     use_external = size > 1 << 30 if external_data is None else external_data
     data_name = path.name + ".data"
+    if postprocess is not None and use_external:
+        raise ExportError(f"{path}: rewriting a model whose weights are in an external file is not supported")
+    existed = path.exists()
+
+    def refused(reason: str) -> ExportError:
+        kept = f"the previous {path} was left as it was" if existed else f"nothing was written to {path}"
+        return ExportError(f"{path}: {reason}; {kept}")
     with atomic_path(path) as tmp:
-        if use_external:
-            program.save(str(tmp), external_data=True)
-            produced = tmp.with_name(tmp.name + ".data")
-            _rename_external(tmp, produced, path.parent / data_name, data_name)
-        else:
-            program.save(str(tmp), external_data=False)
-        if postprocess is not None:
+        tmp_data = tmp.with_name(tmp.name + ".data")      # where the exporter puts tmp's external data
+        try:
+            program.save(str(tmp), external_data=use_external)
+            if postprocess is not None:
+                postprocess(tmp)
+            onnx.checker.check_model(str(tmp))
+            seconds["save"] = time.perf_counter() - start
+            total = tmp.stat().st_size + (tmp_data.stat().st_size if use_external else 0)
+            result = ExportResult(path=path, max_abs_diff=None, op_counts=onnx_op_counts(tmp), provider=None,
+                                  seconds=seconds, size_bytes=total, route=route)
+            if verify:
+                start = time.perf_counter()
+                try:
+                    result.max_abs_diff, result.provider, result.reference_absmax = verify_onnx(module, tmp)
+                except Exception as exc:
+                    message = str(exc).replace(str(tmp), str(path))
+                    raise refused(f"the ONNX Runtime check failed ({message})") from exc
+                seconds["verify"] = time.perf_counter() - start
+                reason = check(result) if check is not None else None
+                if reason:
+                    raise refused(f"the ONNX Runtime check failed: {reason}")
             if use_external:
-                raise ExportError(f"{path}: rewriting a model whose weights are in an external file is not supported")
-            postprocess(tmp)
-        onnx.checker.check_model(str(tmp))
-    seconds["save"] = time.perf_counter() - start
-    total = path.stat().st_size + ((path.parent / data_name).stat().st_size if use_external else 0)
-    result = ExportResult(path=path, max_abs_diff=None, op_counts=onnx_op_counts(path), provider=None,
-                          seconds=seconds, size_bytes=total, route=route)
-    if verify:
-        start = time.perf_counter()
-        result.max_abs_diff, result.provider, result.reference_absmax = verify_onnx(module, path)
-        seconds["verify"] = time.perf_counter() - start
+                _rename_external(tmp, tmp_data, path.parent / data_name, data_name)
+        finally:
+            tmp_data.unlink(missing_ok=True)
     return result
 
 
@@ -261,7 +282,8 @@ def _replace(graph: torch.fx.Graph, node, target, args, kwargs) -> None:
 
 
 def _rename_external(model_path: Path, produced: Path, final: Path, data_name: str) -> None:
-    """Point the model's external-data entries at ``data_name`` and move the data file into place."""
+    """Point the model's external-data entries at ``data_name`` and move the (verified) data file into
+    place; the model file itself is renamed into place by the caller right after."""
     import onnx
     model = onnx.load(str(model_path), load_external_data=False)
     for tensor in model.graph.initializer:
