@@ -17,7 +17,8 @@ def cmd_train(args) -> int:
                          schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
                          max_grad_norm=args.max_grad_norm, max_length=args.max_length, seed=args.seed,
                          eval_split=args.eval_split, eval_every=args.eval_every, save_every=args.save_every,
-                         keep=args.keep, log_every=args.log_every, resume=args.resume, chat=args.chat,
+                         keep=args.keep, log_every=args.log_every, resume=args.resume, overwrite=args.overwrite,
+                         chat=args.chat,
                          torch_compile=args.torch_compile, device=args.device, threads=args.threads,
                          progress=not args.no_progress)
     result = train(config)
@@ -126,7 +127,8 @@ def add_commands(sub) -> None:
                                    "Under torchrun, trains with DDP; rank 0 writes.")
     p.add_argument("spec")
     p.add_argument("--data", required=True, help="JSONL training data")
-    p.add_argument("--out", required=True, help="directory for the adapter, checkpoints, train.log and loss.png")
+    p.add_argument("--out", required=True, help="directory for the adapter, checkpoints, train.log and loss.png; "
+                                                "a non-empty one needs --resume or --overwrite")
     p.add_argument("--model", default=DEFAULT_MODEL)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
@@ -147,7 +149,12 @@ def add_commands(sub) -> None:
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default 50; 0: at the end)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     p.add_argument("--log-every", type=int, default=10, help="steps between lines of train.log (default 10)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out (every option that shapes the result "
+                        "must be as before)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out; the old run stays whole until the new one has "
+                        "finished (it trains in .OUT.overwrite beside --out and is then swapped in)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--torch-compile", action="store_true", help="run the model through torch.compile")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")

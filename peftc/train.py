@@ -11,7 +11,19 @@ One function, :func:`train`, serves the command line, the tests and ``torchrun``
   run resumed from one ends with the bytes of a run never stopped.
 * **Safe checkpoints.** ``OUT/checkpoints/step-NNNNNNN/`` is built under a temporary name and renamed into
   place (:func:`peftc.fsutil.atomic_dir`): Ctrl-C at any moment leaves the last complete one intact, and
-  ``--resume`` continues from it. Only rank 0 writes.
+  ``--resume`` continues from it; a damaged newest checkpoint (a truncated or missing file, bad JSON) is
+  skipped, saying so, for the one before it, and the temporary directories a kill leaves are removed by
+  the next run. Only this run's checkpoints are pruned (``--keep``). Only rank 0 writes.
+* **One run per directory.** A non-empty ``--out`` is refused unless ``--resume`` (continue the run there,
+  with every option that shapes the result unchanged: :data:`RESUME_KEYS`) or ``--overwrite`` is given.
+  ``--overwrite`` never touches the old run until the new one is complete: the new run is trained in a
+  staging directory beside ``OUT`` (``.OUT.overwrite``, where ``--overwrite --resume`` continues an
+  interrupted one), and only when it has finished is that directory swapped in for ``OUT`` as a unit
+  (:func:`peftc.fsutil.replace_dir`: the old run renamed aside, the new one renamed in, then the old one
+  deleted). An interrupted or failed ``--overwrite`` run leaves ``OUT`` exactly as it was. It replaces
+  only an empty directory or a peftc one (with ``peftc.json``, ``checkpoints/`` or ``train.log``).
+* **Finite or nothing.** A step whose loss, or whose updated weights, are not finite stops the run with a
+  :class:`TrainError` naming the step; those weights are written neither as a checkpoint nor as the adapter.
 * **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP (gloo on CPU,
   NCCL on GPUs) with every frozen tensor on DDP's ignore list: only the trainable parameters are
   broadcast at start and all-reduced after each backward.
@@ -26,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +52,7 @@ from torch import nn
 from .data import IGNORE, Example, collate, load_codec, read_jsonl, split_eval, step_indices, \
     steps_for_epochs, tokenize
 from .errors import PeftcError
-from .fsutil import atomic_dir, atomic_path, load_tensors, save_tensors, write_json, write_text
+from .fsutil import atomic_dir, atomic_path, load_tensors, replace_dir, save_tensors, write_json, write_text
 from .headloss import head_split
 from .models import DEFAULT_MODEL
 
@@ -49,7 +62,13 @@ SPEC_FILE = "spec.peft"
 SCHEDULES = ("constant", "linear", "cosine")
 #: options a resumed run must share with the run that wrote the checkpoint
 RESUME_KEYS = ("model", "spec_text", "data_sha256", "seed", "batch_size", "grad_accum", "world_size",
-               "max_length", "eval_split", "chat", "steps")
+               "max_length", "eval_split", "chat", "steps", "lr", "schedule", "warmup", "weight_decay",
+               "max_grad_norm")
+#: how a resume error names an identity key that is not a command-line option
+KEY_NAMES = {"spec_text": "the spec", "data_sha256": "the data file's sha256",
+             "world_size": "the number of processes"}
+#: what marks a directory as peftc's own (a run or a compile output), which --overwrite may replace
+RUN_MARKERS = (MANIFEST, CHECKPOINTS, "train.log")
 
 
 class TrainError(PeftcError, ValueError):
@@ -79,6 +98,9 @@ class TrainConfig:
     keep: int = 2                     #: checkpoints kept
     log_every: int = 10               #: steps between lines of train.log
     resume: bool = False
+    #: replace a run (or compile output) already in ``out``; the old one stays whole until the new one has
+    #: finished (it is trained beside ``out`` and swapped in as a unit; see the module docstring)
+    overwrite: bool = False
     chat: bool = False                #: wrap prompts in the tokenizer's chat template
     torch_compile: bool = False
     device: str | None = None         #: default: cuda:LOCAL_RANK when CUDA is there, else cpu
@@ -254,6 +276,80 @@ def checkpoints(out: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
+def _step_dirs(out: Path) -> list[Path]:
+    """Every ``step-N`` directory in ``out/checkpoints``, complete or not, oldest first."""
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def staging_dir(out: str | Path) -> Path:
+    """Where an ``--overwrite`` run of ``out`` trains until it is complete: ``.NAME.overwrite`` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.overwrite"
+
+
+def _is_temporary(path: Path) -> bool:
+    """What fsutil's atomic writers leave when killed: ``.NAME.XXXX.tmp`` files, ``.step-N.XXXX`` dirs."""
+    return path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.startswith(".step-"))
+
+
+def _contents(out: Path) -> list[str]:
+    """The entries of ``out`` that are not temporaries (none when it does not exist)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if not _is_temporary(p))
+
+
+def _prepare_out(config: TrainConfig, dist_info: Dist) -> tuple[Path, Path]:
+    """(the directory the run is written in, the directory it ends up in): ``out`` itself, or under
+    ``--overwrite`` its staging directory. Refuses a non-empty ``out`` without ``--resume``/``--overwrite``."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a directory")
+    contents = _contents(out)
+    if config.overwrite:
+        if contents and not any(marker in contents for marker in RUN_MARKERS):
+            raise TrainError(f"--out {out} holds files that are not a peftc run ({', '.join(contents[:3])}"
+                             f"{', ...' if len(contents) > 3 else ''}); --overwrite replaces only a peftc "
+                             "directory: choose another --out")
+        work = staging_dir(out)
+        if dist_info.main and work.exists() and not config.resume:
+            shutil.rmtree(work)             # an unfinished earlier --overwrite run; this one starts afresh
+        return work, out
+    if contents and not config.resume:
+        done = _step_dirs(out)
+        what = f"a run (checkpoints up to {done[-1].name})" if done else ", ".join(contents[:3]) + \
+            (", ..." if len(contents) > 3 else "")
+        raise TrainError(f"--out {out} is not empty: it holds {what}; give --resume to continue it, "
+                         "--overwrite to replace it, or another --out")
+    if config.resume and not _step_dirs(out):
+        foreign = [name for name in contents if name not in ("train.log", CHECKPOINTS)]
+        if foreign:
+            raise TrainError(f"--resume: {out} has no checkpoint to continue from but holds other files "
+                             f"({', '.join(foreign[:3])}); give --overwrite to replace it, or another --out")
+    return out, out
+
+
+def _clean_temporaries(work: Path, dist_info: Dist) -> None:
+    """Remove what a killed run left under temporary names (rank 0)."""
+    if not dist_info.main:
+        return
+    for folder in (work, work / CHECKPOINTS):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _is_temporary(path):
+                _say(dist_info, f"removing {path}, left by an interrupted run")
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, list]:
     state = optimizer.state_dict()
     tensors = {}
@@ -331,7 +427,7 @@ def _sigterm_as_interrupt():
 def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
     from .compiled import compile as compile_model
     from .spec import parse_file
-    out = Path(config.out)
+    work, out = _prepare_out(config, dist_info)
     spec = parse_file(config.spec)
     records = read_jsonl(config.data)
     train_records, eval_records = split_eval(records, config.eval_split, config.seed)
@@ -364,17 +460,22 @@ def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
     identity = {"model": config.model, "spec_text": spec.format(), "data_sha256": file_sha256(config.data),
                 "seed": config.seed, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
                 "world_size": world, "max_length": config.max_length, "eval_split": config.eval_split,
-                "chat": config.chat, "steps": total}
+                "chat": config.chat, "steps": total, "lr": config.lr, "schedule": config.schedule,
+                "warmup": config.warmup, "weight_decay": config.weight_decay,
+                "max_grad_norm": config.max_grad_norm}
     step, history, log_lines = 0, [], []
     torch.manual_seed(config.seed * 7_919 + dist_info.rank)          # dropout
-    existing = checkpoints(out)
-    if config.resume and existing:
-        step, history, log_lines = _resume(existing[-1], identity, params, names, optimizer, dist_info)
-        _say(dist_info, f"resumed from {existing[-1]} (step {step} of {total})")
-    elif config.resume:
-        _say(dist_info, f"--resume: no checkpoint in {out / CHECKPOINTS}; starting from step 0")
+    _clean_temporaries(work, dist_info)
+    last_checkpoint: Path | None = None          # the newest complete checkpoint of this run
+    if config.resume:
+        resumed = _resume(work, identity, params, names, optimizer, dist_info)
+        if resumed is not None:
+            last_checkpoint, (step, history, log_lines) = resumed
+            _say(dist_info, f"resumed from {last_checkpoint} (step {step} of {total})")
+        else:
+            _say(dist_info, f"--resume: no checkpoint in {work / CHECKPOINTS}; starting from step 0")
 
-    log = _Log(out / "train.log", dist_info.main, log_lines)
+    log = _Log(work / "train.log", dist_info.main, log_lines)
     if not log.lines:
         report = model.report()
         log.add(f"# peftc train {config.spec} on {config.model}: {len(train_set)} training examples, "
@@ -425,15 +526,25 @@ def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
                 reduced = sums.to(device)
                 dist.all_reduce(reduced)
                 sums = reduced.cpu()
+            loss_value = float(sums[0]) / max(1, target_tokens)
+            if not math.isfinite(loss_value):
+                raise _not_finite(step + 1, f"the loss is {loss_value}, not a finite number", last_checkpoint)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
             lr = lr_at(step, total, config.lr, config.schedule, config.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as exc:       # an lr so large the step size itself overflows float32
+                if "overflow" not in str(exc):
+                    raise
+                raise _not_finite(step + 1, f"the update overflowed ({exc})", last_checkpoint) from None
             optimizer.zero_grad(set_to_none=True)
+            if not _all_finite(params.values()):
+                raise _not_finite(step + 1, "the update made weights that are not finite (nan or inf)",
+                                  last_checkpoint)
             step += 1
-            loss_value = float(sums[0]) / max(1, target_tokens)
             tokens_run += int(sums[1])
             elapsed = time.perf_counter() - t0
             entry = {"step": step, "loss": round(loss_value, 6), "lr": lr, "tokens": int(sums[1]),
@@ -453,26 +564,37 @@ def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
                         + (f"  eval_loss {eval_loss:.4f}" if "eval_loss" in entry else ""))
                 log.flush()
             if step == total or (config.save_every and step % config.save_every == 0):
-                _save_checkpoint(out, step, identity, params, names, optimizer, history, log.lines,
-                                 config.keep, dist_info)
+                last_checkpoint = _save_checkpoint(work, step, identity, params, names, optimizer, history,
+                                                   log.lines, config.keep, dist_info)
             if on_step is not None:
                 on_step(step)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        done = checkpoints(out)
         log.add(f"# interrupted after step {step}")
         log.flush()
+        again = "--resume --overwrite" if config.overwrite else "--resume"
         _say(dist_info, f"interrupted after step {step}; "
-                        + (f"the last complete checkpoint is {done[-1]}: continue with --resume"
-                           if done else "no checkpoint was written yet"))
+                        + (f"the last complete checkpoint is {last_checkpoint}: continue with {again}"
+                           if last_checkpoint else "no checkpoint was written yet")
+                        + (f" ({out} is as it was)" if work != out else ""))
+        raise
+    except TrainError as exc:
+        if bar is not None:
+            bar.close()
+        log.add(f"# stopped: {exc}")
+        log.flush()
         raise
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
     if dist_info.main:
-        _write_outputs(model, config, spec, out, history, log, identity, seconds, tokens_run, step - first_step)
+        files = _write_outputs(model, config, spec, work, history, log, identity, seconds, tokens_run,
+                               step - first_step)
+        if work != out:
+            replace_dir(work, out)           # the old run is deleted only once the new one is in place
+        print(f"wrote {out}/: {', '.join(files)}", file=sys.stderr)
     return TrainResult(model, out, step, seconds, tokens_run, loss_value, eval_loss, history, dist_info.main,
                        synchronised)
 
@@ -505,48 +627,114 @@ def _rng_states(dist_info: Dist) -> list[torch.Tensor]:
     return gathered
 
 
+def _all_finite(tensors) -> bool:
+    tensors = [t.detach() for t in tensors]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def _not_finite(step: int, what: str, last: Path | None) -> TrainError:
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    return TrainError(f"step {step}: {what}; training stopped and nothing of this step was saved ({kept}); "
+                      "a smaller --lr may help")
+
+
 def _save_checkpoint(out: Path, step: int, identity: dict, params: dict, names: list[str], optimizer,
-                     history: list, log_lines: list, keep: int, dist_info: Dist) -> None:
+                     history: list, log_lines: list, keep: int, dist_info: Dist) -> Path:
+    target = out / CHECKPOINTS / f"step-{step:07d}"
     rng = _rng_states(dist_info)           # every rank takes part in the gather
     if not dist_info.main:
-        return
+        return target
     opt_tensors, groups = optimizer_tensors(optimizer, names)
-    target = out / CHECKPOINTS / f"step-{step:07d}"
     with atomic_dir(target) as tmp:
         save_tensors(tmp / "adapter.safetensors", {n: p.detach() for n, p in params.items()})
         save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         save_tensors(tmp / "rng.safetensors", {f"rank{r}": s for r, s in enumerate(rng)})
         write_json(tmp / "trainer_state.json", {"step": step, "identity": identity, "param_groups": groups,
                                                 "history": history, "log": log_lines})
-    for old in checkpoints(out)[:-keep]:
-        import shutil
+    _prune(out, identity, keep)
+    return target
+
+
+def _identity_of(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _prune(out: Path, identity: dict, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints of this run (those written with ``identity``);
+    a checkpoint of any other run, or one that cannot be read, is never deleted here."""
+    mine = [p for p in _step_dirs(out) if _identity_of(p) == identity]
+    for old in mine[:-keep]:
         shutil.rmtree(old)
 
 
-def _resume(path: Path, identity: dict, params: dict, names: list[str], optimizer, dist_info: Dist):
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    saved = state["identity"]
+class _Damaged(Exception):
+    """A checkpoint whose files are missing or cannot be read (the message says which)."""
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "adapter.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
+    """(trainer state, adapter, optimizer and RNG tensors) of a checkpoint, or :class:`_Damaged`."""
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            raise _Damaged(f"it has no {name}")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        step, _, _, _ = int(state["step"]), state["identity"], state["param_groups"], list(state["history"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Damaged(f"its trainer_state.json cannot be read ({type(exc).__name__}: {exc})") from None
+    if f"step-{step:07d}" != path.name:
+        raise _Damaged(f"its trainer_state.json is for step {step}")
+    tensors = []
+    for name in CHECKPOINT_FILES[1:]:
+        try:
+            tensors.append(load_tensors(path / name))
+        except Exception as exc:      # safetensors raises its own error type for a truncated file
+            raise _Damaged(f"its {name} cannot be read ({exc})") from None
+    return (state, *tensors)
+
+
+def _check_identity(path: Path, saved: dict, identity: dict) -> None:
     for key in RESUME_KEYS:
-        if saved.get(key) != identity[key]:
-            what = key.replace("_", "-")
-            raise TrainError(f"cannot resume from {path}: {what} was {saved.get(key)!r}, now {identity[key]!r}")
-    weights = load_tensors(path / "adapter.safetensors")
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise TrainError(f"cannot resume from {path}: it has no tensor {missing[0]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name].to(param.device))
-    load_optimizer(optimizer, names, load_tensors(path / "optimizer.safetensors"), state["param_groups"])
-    rng = load_tensors(path / "rng.safetensors")
-    key = f"rank{dist_info.rank}"
-    if key in rng:
-        torch.set_rng_state(rng[key])
-    return int(state["step"]), list(state["history"]), list(state.get("log", []))
+        if key not in saved:          # a checkpoint of an older peftc that did not record it
+            continue
+        if saved[key] != identity[key]:
+            what = KEY_NAMES.get(key, "--" + key.replace("_", "-"))
+            raise TrainError(f"cannot resume from {path}: {what} was {saved[key]!r}, now {identity[key]!r}")
+
+
+def _resume(out: Path, identity: dict, params: dict, names: list[str], optimizer, dist_info: Dist):
+    """Load the newest readable checkpoint in ``out`` into the parameters, optimizer and RNG: (its path,
+    (step, history, log lines)), or None when there is none. A damaged one is skipped, saying so; one of
+    another run (options that differ) is a :class:`TrainError`."""
+    for path in reversed(_step_dirs(out)):
+        try:
+            state, weights, opt_tensors, rng = _read_checkpoint(path)
+        except _Damaged as exc:
+            _say(dist_info, f"checkpoint {path} is damaged ({exc}); falling back to the one before it")
+            continue
+        _check_identity(path, state["identity"], identity)
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise TrainError(f"cannot resume from {path}: it has no tensor {missing[0]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name].to(param.device))
+        load_optimizer(optimizer, names, opt_tensors, state["param_groups"])
+        key = f"rank{dist_info.rank}"
+        if key in rng:
+            torch.set_rng_state(rng[key])
+        return path, (int(state["step"]), list(state["history"]), list(state.get("log", [])))
+    return None
 
 
 def _write_outputs(model, config: TrainConfig, spec, out: Path, history: list, log: _Log, identity: dict,
-                   seconds: float, tokens: int, steps_run: int) -> None:
+                   seconds: float, tokens: int, steps_run: int) -> list[str]:
+    """Write the adapter and the run's files into ``out``; the names written."""
     report = model.report()
     files = model.save_adapter(out)   # peftc's file always; HF PEFT's files when they can hold the adapter
     write_text(out / SPEC_FILE, spec.format())
@@ -566,7 +754,7 @@ def _write_outputs(model, config: TrainConfig, spec, out: Path, history: list, l
     files += [SPEC_FILE, "report.txt", MANIFEST, "train.json", "train.log"]
     if plot_losses(history, out / "loss.png", title=f"{config.spec} on {config.model}"):
         files.append("loss.png")
-    print(f"wrote {out}/: {', '.join(files)}", file=sys.stderr)
+    return files
 
 
 def plot_losses(history: list[dict], path: Path, title: str = "") -> bool:

@@ -9,6 +9,8 @@ import peftc
 from peftc.cli import main
 from peftc.data import IGNORE, ByteTokenizer, Codec, DataError, Record, collate, read_jsonl, split_eval, \
     step_indices, tokenize
+from conftest import randomize_adapters
+from numerics import ONNX_RUNTIME
 from peftc.train import CausalLMWithLoss, TrainConfig, TrainError, checkpoints, lr_at, token_loss_sum, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,7 +239,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_ends_with_the_same_bytes(wo
     assert adapter_bytes(out) == adapter_bytes(workdir / "straight")
     assert [(h["step"], h["loss"], h["lr"]) for h in resumed.history] == \
         [(h["step"], h["loss"], h["lr"]) for h in straight.history]
-    with pytest.raises(TrainError, match="cannot resume from .*step-0000006: seed was 0, now 1"):
+    with pytest.raises(TrainError, match="cannot resume from .*step-0000006: --seed was 0, now 1"):
         train(config(workdir, out="stopped", steps=6, save_every=2, lr=5e-3, resume=True, seed=1))
 
 
@@ -269,38 +271,64 @@ def test_the_transformers_trainer_trains_the_compiled_model(workdir, tiny):
 
 
 # --- generation and evaluation -----------------------------------------------------------------------------
-def test_the_decoders_agree_and_eval_learns_a_memorised_task(workdir):
-    """Train until the tiny model knows 8 pairs, then: exact match is high, and greedy decoding through the
-    compiled graph, the merged transformers model with its KV cache, and ONNX Runtime gives the same tokens."""
-    from peftc.generate import CachedDecoder, RecomputeDecoder, decoder_for, exact_match, greedy, onnx_logits, \
-        torch_logits
-    write_jsonl(workdir / "data.jsonl", pairs(8))
-    (workdir / "lora.peft").write_text(LEARN)
-    result = train(config(workdir, steps=150, batch_size=8, lr=1e-2, schedule="constant"))
-    model = result.model.eval()
+def test_the_three_decoders_give_the_same_tokens(tiny, tmp_path):
+    """Greedy decoding through the compiled graph, the merged transformers model with its KV cache, and the
+    merged model's ONNX export in ONNX Runtime gives the same tokens: an equivalence, checked on seeded
+    random adapters (no training, so nothing hinges on how a run converged on this CPU)."""
+    from peftc.generate import CachedDecoder, RecomputeDecoder, decoder_for, greedy, onnx_logits, torch_logits
+    model = peftc.compile(tiny("tiny-llama"), LEARN, seed=0)
+    randomize_adapters(model, seed=2, scale=1.0)
+    model.eval()
     codec = Codec(ByteTokenizer())
-    records = read_jsonl(workdir / "data.jsonl")
+    prompts = [codec.encode_prompt(r["prompt"]) for r in pairs(8)] + [codec.encode_prompt("zzz")]
+    expected = greedy(RecomputeDecoder(torch_logits(model)), prompts, eos_id=codec.eos_id, max_new_tokens=8)
+    # the decoders' logits differ by reordered float32 sums (at most ONNX_RUNTIME of the largest logit), so
+    # tokens can only differ where the best two logits are that close: check the seeded adapter has no such tie
+    with torch.no_grad():
+        for prompt, new in zip(prompts, expected):
+            ids = torch.tensor([prompt + new])
+            logits = model(ids, torch.ones_like(ids))[0, len(prompt) - 1:]
+            best_two = logits.topk(2, dim=-1).values
+            assert (best_two[:, 0] - best_two[:, 1]).min() > 20 * ONNX_RUNTIME * logits.abs().max()
     cached = decoder_for(model)
     assert isinstance(cached, CachedDecoder)
-    scored = exact_match(cached, codec, records)
-    assert scored.accuracy >= 0.75, scored.rows
-    prompts = [codec.encode_prompt(r.prompt) for r in records] + [codec.encode_prompt("zzz")]
-    expected = greedy(RecomputeDecoder(torch_logits(model)), prompts, eos_id=codec.eos_id, max_new_tokens=8)
     assert greedy(cached, prompts, eos_id=codec.eos_id, max_new_tokens=8, batch_size=3) == expected
-    onnx = workdir / "m.onnx"
+    onnx = tmp_path / "m.onnx"
     peftc.export_onnx(model.merge(), onnx)
     assert greedy(RecomputeDecoder(onnx_logits(onnx)), prompts, eos_id=codec.eos_id, max_new_tokens=8) == expected
 
 
+def learns(workdir: Path, out: str, seed: int) -> TrainConfig:
+    """The memorisation task under the package's own stable defaults (cosine schedule, clipping at 1.0)."""
+    write_jsonl(workdir / "data.jsonl", pairs(8))
+    (workdir / "lora.peft").write_text(LEARN)
+    return config(workdir, out=out, steps=150, batch_size=8, lr=5e-3, schedule="cosine", max_grad_norm=1.0,
+                  seed=seed)
+
+
+@pytest.mark.slow
+def test_training_learns_a_memorised_task(workdir):
+    """Over seeds 0-5 on an AMD EPYC these settings reach final losses of 0.004-0.007 and 8 of 8 exact (a
+    constant lr of 1e-2 without clipping learned 0/8 there); the bounds, a loss under 0.1 and 7 of 8, leave a
+    margin of more than ten for another CPU's trajectory."""
+    from peftc.generate import decoder_for, exact_match
+    result = train(learns(workdir, "out", seed=0))
+    assert result.history[0]["loss"] > 3 and result.loss < 0.1, [h["loss"] for h in result.history[::10]]
+    scored = exact_match(decoder_for(result.model.eval()), Codec(ByteTokenizer()), read_jsonl(workdir / "data.jsonl"))
+    assert scored.correct >= 7, scored.rows
+
+
+@pytest.mark.slow
 def test_eval_and_generate_commands(workdir, capsys):
     write_jsonl(workdir / "data.jsonl", pairs(8))
     (workdir / "lora.peft").write_text(LEARN)
     out = workdir / "out"
+    # the command's defaults (cosine schedule, clipping at 1.0), as in test_training_learns_a_memorised_task
     assert main(["train", str(workdir / "lora.peft"), "--model", "tiny-llama", "--data",
                  str(workdir / "data.jsonl"), "--out", str(out), "--steps", "150", "--batch-size", "8",
-                 "--lr", "1e-2", "--schedule", "constant", "--no-progress", "--threads", "1"]) == 0
+                 "--lr", "5e-3", "--no-progress", "--threads", "1"]) == 0
     assert "trained 150 steps: loss" in capsys.readouterr().out
-    assert json.loads((out / "train.json").read_text())["history"][-1]["loss"] < 0.5
+    assert json.loads((out / "train.json").read_text())["history"][-1]["loss"] < 0.1
     assert main(["eval", str(out), "--data", str(workdir / "data.jsonl"), "--json", str(workdir / "e.json")]) == 0
     printed = capsys.readouterr().out
     assert f"{out} on tiny-llama on {workdir / 'data.jsonl'}: exact match: " in printed
