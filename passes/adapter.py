@@ -13,7 +13,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.analysis import LinearSite, input_of
-from peftc.diagnostics import SpecError
+from peftc.diagnostics import SpecError, check_allocation
 from peftc.passmanager import CompileContext, Pass, PassResult, register
 
 aten = torch.ops.aten
@@ -66,6 +66,13 @@ class AdapterPass(Pass):
         opts = statement.options
         graph = ctx.gm.graph
         layers = opts["layers"]
+        sizes = []          # each adapter: down (hidden → bottleneck) and up (bottleneck → hidden), with biases
+        for after in opts["after"]:
+            outputs = _by_layer(ctx.sites.linears, SUBLAYERS[after][0])
+            sizes += [outputs[i].out_features for i in outputs if layers is None or layers.contains(i)]
+        b = opts["bottleneck"]
+        check_allocation(statement, ctx.spec.source, sum(2 * h * b + b + h for h in sizes),
+                         f"in {len(sizes)} adapter{'s' if len(sizes) != 1 else ''}", "lower bottleneck")
         for after in opts["after"]:
             out_roles, in_roles = SUBLAYERS[after]
             outputs = _by_layer(ctx.sites.linears, out_roles)

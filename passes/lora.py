@@ -17,7 +17,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.analysis import LinearSite, input_of, weight_of
-from peftc.diagnostics import SpecError
+from peftc.diagnostics import SpecError, check_allocation
 from peftc.errors import PassError
 from peftc.fold import remove_branch, set_weight
 from peftc.passmanager import CompileContext, Pass, PassResult, register
@@ -182,6 +182,11 @@ class LoraPass(Pass):
         opts = statement.options
         selections = select(statement, ctx.sites, ctx.spec)
         _check_overlap(ctx, statement, selections)
+        r = opts["r"]     # A is (r · slices) × in, B is (adapted outputs) × r
+        check_allocation(statement, ctx.spec.source, sum(
+            r * len(s.features()) * s.site.in_features + r * sum(len(f) for _, f in s.features())
+            for s in selections), f"on {len(selections)} linear{'s' if len(selections) > 1 else ''}",
+            "lower r")
         graph = ctx.gm.graph
         nodes = {n.name: n for n in graph.nodes}
         for selection in selections:

@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 
 from peftc.analysis import ATTENTION_OPS, _layer_of
 from peftc.capture import module_path
-from peftc.diagnostics import SpecError
+from peftc.diagnostics import SpecError, check_allocation
 from peftc.errors import PassError
 from peftc.passmanager import CompileContext, Pass, PassResult, register
 
@@ -386,6 +386,13 @@ class PrefixPass(Pass):
         if hidden is not None and len({(s.kv_heads, s.head_dim) for s in sites}) > 1:
             raise SpecError.at(statement.span, "project= needs attentions of one key/value shape",
                                ctx.spec.source)
+        if hidden is None:      # a key and a value prefix per attention
+            count, where = sum(2 * s.kv_heads * tokens * s.head_dim for s in sites), "of prefixes"
+        else:                   # PrefixEncoder: embedding, Linear(d, H), Linear(H, layers · 2 · d)
+            d, out = sites[0].token_dim, len(sites) * 2 * sites[0].token_dim
+            count, where = tokens * d + d * hidden + hidden + hidden * out + out, "in the prefix encoder"
+        check_allocation(statement, ctx.spec.source, count, f"{where} for {len(sites)} attentions",
+                         "lower tokens" + (" or project" if hidden is not None else ""))
         emit = _Emit(ctx, statement, index, self.keyword)
         nodes = {n.name: n for n in ctx.gm.graph.nodes}
         records = [PrefixRecord(statement=index, site=s, module=f"peftc_prefix_{i}", tokens=tokens, index=i)

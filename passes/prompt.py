@@ -23,7 +23,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from peftc.diagnostics import SpecError
+from peftc.diagnostics import SpecError, check_allocation
 from peftc.errors import ModelError
 from peftc.passmanager import CompileContext, Pass, PassResult, register
 
@@ -98,6 +98,8 @@ class PromptPass(Pass):
                                "with input_ids; this one has none", ctx.spec.source)
         weight = gm.get_parameter(embed.args[0].target) if embed.args[0].op == "get_attr" else None
         dim = int(weight.shape[1])
+        check_allocation(statement, ctx.spec.source, tokens * dim, f"in a {tokens:,} × {dim} soft prompt",
+                         "lower tokens")
         init = None
         if text is not None:
             init = self._text_init(ctx, statement, text, tokens, weight)

@@ -9,6 +9,7 @@ The compiler reuses this for mistakes only a model reveals (a statement that sel
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -126,3 +127,55 @@ class SpecError(PeftcError, ValueError):
     def at(cls, span: Span, message: str, source: str | None, hint: str | None = None) -> "SpecError":
         """A SpecError with one diagnostic, for code that finds a mistake after parsing."""
         return cls([Diagnostic(message, span, hint)], source)
+
+
+# ── sizes a statement asks for ────────────────────────────────────────────────────────────────────────
+
+def memory_bytes() -> int:
+    """The memory an allocation can hope for: the kernel's MemAvailable (or, without /proc, the physical
+    memory), capped by a cgroup v2 limit when the process runs under one."""
+    have = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    have = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if have is None:
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            have = 1 << 62
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            limit = fh.read().strip()
+        if limit.isdigit():
+            have = min(have, int(limit))
+    except OSError:
+        pass
+    return have
+
+
+def size_text(count: int) -> str:
+    """A byte count for people: ``3.7 TiB``."""
+    value, unit = float(count), "bytes"
+    for name in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, name
+    return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
+def check_allocation(statement, source: str | None, parameters: int, where: str, hint: str,
+                     itemsize: int = 4) -> None:
+    """Refuse, before anything is allocated, a statement whose new parameters (``parameters`` of
+    ``itemsize`` bytes, float32 by default) cannot fit in the memory there is: a SpecError at the statement
+    naming it and the bytes it would need. ``where`` says what the parameters go into ("on 8 linears")."""
+    need = parameters * itemsize
+    have = memory_bytes()
+    if need > have:
+        raise SpecError.at(statement.span, f"'{statement}' would allocate {parameters:,} parameters {where}: "
+                           f"{need:,} bytes ({size_text(need)}), more than the {size_text(have)} of memory "
+                           "available", source, hint)
