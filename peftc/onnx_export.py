@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import logging
 import operator
@@ -78,6 +79,7 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
     just before the model to ``NAME``, so between those two renames the pair is briefly mismatched."""
     import onnx
     path = Path(path)
+    module = tensor_output(module)
     config = getattr(module, "config", None)
     ids, mask = example_inputs(vocab=min(getattr(config, "vocab_size", 32) or 32, 32))
     seconds: dict[str, float] = {}
@@ -143,6 +145,36 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
         finally:
             tmp_data.unlink(missing_ok=True)
     return result
+
+
+class TensorOutput(torch.nn.Module):
+    """A transformers model as the export and its verification call it: ``(input_ids, attention_mask) ->``
+    logits (or an encoder's last hidden state), with the KV cache off: a ``DynamicCache`` in the output is
+    not something torch.export or ONNX can return."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.training = model.training
+        self.cache_off = "use_cache" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs = {"use_cache": False} if self.cache_off else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        for name in ("logits", "last_hidden_state"):
+            if getattr(out, name, None) is not None:
+                return getattr(out, name)
+        return out[0]
+
+
+def tensor_output(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``, or a transformers model wrapped in :class:`TensorOutput`."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return module
+    return TensorOutput(module) if isinstance(module, PreTrainedModel) else module
 
 
 def _max_sequence(module, config) -> int:
