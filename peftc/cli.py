@@ -118,23 +118,51 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _replaceable_output(out: Path) -> None:
+    """Refuse an ``--out`` that ``peftc compile`` must not replace: a file, a training run, or a directory
+    of other files (an empty one, or an earlier compile's, is replaced)."""
+    if out.exists() and not out.is_dir():
+        raise PeftcError(f"--out {out} is a file, not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "checkpoints").exists() or (out / "train.json").exists():
+        raise PeftcError(f"--out {out} holds a training run; compile would replace it: choose another --out")
+    if not (out / MANIFEST).is_file():
+        names = sorted(p.name for p in out.iterdir())
+        raise PeftcError(f"--out {out} is not empty and is not a 'peftc compile' directory (no {MANIFEST}; "
+                         f"it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+                         "choose another --out")
+
+
 def cmd_compile(args) -> int:
+    import errno
     from .compiled import compile_prepared, prepare
-    from .fsutil import write_json, write_text
+    from .fsutil import atomic_dir, write_json, write_text
     from .spec import parse_file
     spec = parse_file(args.spec)
+    out = Path(args.out)
+    _replaceable_output(out)
     with step(f"loading and capturing {args.model}"):
         prepared = prepare(args.model)
     with step(f"compiling {args.spec}"):
         model = compile_prepared(prepared, spec, seed=args.seed)
-    out = Path(args.out)
     report = model.report()
-    written = model.save_adapter(out)
-    write_text(out / SPEC_FILE, spec.format())
-    write_text(out / "report.txt", str(report) + "\n")
-    write_text(out / "graph.txt", model.dump_graph())
-    write_json(out / MANIFEST, {"model": args.model, "spec": SPEC_FILE, "kind": model.kind,
-                                "report": report.to_dict()})
+    # the directory is built beside --out and swapped in whole: none of an earlier compile's files (HF
+    # PEFT's, say, when this adapter has no HF PEFT format) survive, and a failure leaves it as it was
+    try:
+        with atomic_dir(out) as tmp:
+            written = model.save_adapter(tmp)
+            write_text(tmp / SPEC_FILE, spec.format())
+            write_text(tmp / "report.txt", str(report) + "\n")
+            write_text(tmp / "graph.txt", model.dump_graph())
+            # without the report's timings: the same inputs give the same bytes (the timings are on stderr)
+            summary = {k: v for k, v in report.to_dict().items() if k != "timings_s"}
+            write_json(tmp / MANIFEST, {"model": args.model, "spec": SPEC_FILE, "kind": model.kind,
+                                        "report": summary})
+    except OSError as exc:
+        what = exc.strerror or errno.errorcode.get(exc.errno or 0) or str(exc)
+        kept = f"{out} was left as it was" if out.exists() else "nothing was written"
+        raise PeftcError(f"cannot write {out}: {what}; {kept}") from exc
     print(report)
     print(f"\nwrote {out}/: {', '.join(written)}, {SPEC_FILE}, report.txt, graph.txt, {MANIFEST}")
     return 0
@@ -192,19 +220,29 @@ def cmd_export(args) -> int:
         print(f"LoRA folded onto dequant(W) of the {len(dequantized)} {schemes} linears it trained against; "
               f"merged weights are float32")
     target = "nf4" if args.nf4 else "int4" if args.int4 else args.dtype
+
+    def tolerance_of(result) -> float:
+        # fp32 is held to TOLERANCE; the other targets run other kernels (MatMulBnb4, MatMulNBits) whose
+        # summation order differs, so their bound scales with the logits: RELATIVE_TOLERANCE of the largest
+        return TOLERANCE if target == "fp32" else max(TOLERANCE, RELATIVE_TOLERANCE * (result.reference_absmax or 0))
+
+    def check(result) -> str | None:
+        """Refuse (before the file takes its final name) an export ONNX Runtime does not run within tolerance."""
+        if result.max_abs_diff is None or result.max_abs_diff > tolerance_of(result):
+            diff = "no output" if result.max_abs_diff is None else f"max abs diff {result.max_abs_diff:.3g}"
+            return f"ONNX Runtime vs torch {diff}, over the tolerance {tolerance_of(result):.3g}"
+        return None
     with step(f"exporting {args.onnx} ({target})"):
         if target == "fp32":
-            result = export_onnx(merged, args.onnx)
+            result = export_onnx(merged, args.onnx, check=check)
             print(result)
         else:
             from .deploy import export_target
-            outcome = export_target(merged, args.onnx, target, block=args.block)
+            outcome = export_target(merged, args.onnx, target, block=args.block, check=check)
             result = outcome.export
             print(outcome)
-    # fp32 is held to TOLERANCE; the other targets run other kernels (MatMulBnb4, MatMulNBits) whose
-    # summation order differs, so their bound scales with the logits: RELATIVE_TOLERANCE of the largest
-    tolerance = TOLERANCE if target == "fp32" else max(TOLERANCE, RELATIVE_TOLERANCE * (result.reference_absmax or 0))
-    ok = result.max_abs_diff is not None and result.max_abs_diff <= tolerance
+    tolerance = tolerance_of(result)
+    ok = True              # export_onnx wrote the file only because it passed check()
     if args.compare_base and target != "fp32":
         print(f"--compare-base compares operator counts of the fp32 export; a {target} export has other "
               "operators by design, so it is skipped")
@@ -227,7 +265,8 @@ def cmd_export(args) -> int:
             print(f"  {op:<20} {a:>6} {b:>6}{'' if a == b else '  <-'}")
         ok = ok and equal and same_graph
     if not ok:
-        print(f"export check failed (tolerance {tolerance:.3g})", file=sys.stderr)
+        print(f"export check failed: the merged model's operators differ from the base's (ONNX Runtime "
+              f"check passed, tolerance {tolerance:.3g}; {args.onnx} is written)", file=sys.stderr)
     return 0 if ok else 1
 
 
