@@ -394,6 +394,7 @@ def _load_lora(model, records, config: dict, tensors: dict, path) -> None:
         groups.setdefault(record.site.path, []).append(record)
     modules = [ModuleLora.of(p, rs, bool(config.get("use_rslora"))) for p, rs in groups.items()]
     check_keys(path, tensors, {_key(m.path, n) for m in modules for n in ("lora_A", "lora_B")})
+    scales = []                    # every module is checked before any is loaded
     for module in modules:
         a, b = tensors[_key(module.path, "lora_A")], tensors[_key(module.path, "lora_B")]
         site = module.records[0].site
@@ -407,7 +408,9 @@ def _load_lora(model, records, config: dict, tensors: dict, path) -> None:
             raise AdapterError(f"{Path(path).with_name(CONFIG)}: the LoRA of {module.path} has rank {rank} "
                                f"by 'r'/'rank_pattern', but {path} holds rank-{a.shape[0]} factors "
                                f"(A {tuple(a.shape)}, B {tuple(b.shape)})")
-        file_scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        scales.append(alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
+    for module, file_scale in zip(modules, scales):
+        a, b = tensors[_key(module.path, "lora_A")], tensors[_key(module.path, "lora_B")]
         try:
             module.load(model.graph_module, a, b, file_scale)
         except PassError as exc:
