@@ -437,6 +437,15 @@ def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
     world = dist_info.world
     global_batch = config.batch_size * config.grad_accum * world
     total = config.steps or steps_for_epochs(config.epochs or 1.0, len(train_set), global_batch)
+    identity = {"model": config.model, "spec_text": spec.format(), "data_sha256": file_sha256(config.data),
+                "seed": config.seed, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+                "world_size": world, "max_length": config.max_length, "eval_split": config.eval_split,
+                "chat": config.chat, "steps": total, "lr": config.lr, "schedule": config.schedule,
+                "warmup": config.warmup, "weight_decay": config.weight_decay,
+                "max_grad_norm": config.max_grad_norm}
+    _clean_temporaries(work, dist_info)
+    # before the (slow) compile: a checkpoint that does not fit these options is refused at once
+    found = _find_checkpoint(work, identity, dist_info) if config.resume else None
 
     if config.device:
         device = torch.device(config.device)
@@ -457,23 +466,15 @@ def _train(config: TrainConfig, dist_info: Dist, on_step) -> TrainResult:
     names = list(params)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
 
-    identity = {"model": config.model, "spec_text": spec.format(), "data_sha256": file_sha256(config.data),
-                "seed": config.seed, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
-                "world_size": world, "max_length": config.max_length, "eval_split": config.eval_split,
-                "chat": config.chat, "steps": total, "lr": config.lr, "schedule": config.schedule,
-                "warmup": config.warmup, "weight_decay": config.weight_decay,
-                "max_grad_norm": config.max_grad_norm}
     step, history, log_lines = 0, [], []
     torch.manual_seed(config.seed * 7_919 + dist_info.rank)          # dropout
-    _clean_temporaries(work, dist_info)
     last_checkpoint: Path | None = None          # the newest complete checkpoint of this run
-    if config.resume:
-        resumed = _resume(work, identity, params, names, optimizer, dist_info)
-        if resumed is not None:
-            last_checkpoint, (step, history, log_lines) = resumed
-            _say(dist_info, f"resumed from {last_checkpoint} (step {step} of {total})")
-        else:
-            _say(dist_info, f"--resume: no checkpoint in {work / CHECKPOINTS}; starting from step 0")
+    if found is not None:
+        last_checkpoint = found[0]
+        step, history, log_lines = _resume(found, params, names, optimizer, dist_info)
+        _say(dist_info, f"resumed from {last_checkpoint} (step {step} of {total})")
+    elif config.resume:
+        _say(dist_info, f"--resume: no complete checkpoint in {work / CHECKPOINTS}; starting from step 0")
 
     log = _Log(work / "train.log", dist_info.main, log_lines)
     if not log.lines:
@@ -707,10 +708,10 @@ def _check_identity(path: Path, saved: dict, identity: dict) -> None:
             raise TrainError(f"cannot resume from {path}: {what} was {saved[key]!r}, now {identity[key]!r}")
 
 
-def _resume(out: Path, identity: dict, params: dict, names: list[str], optimizer, dist_info: Dist):
-    """Load the newest readable checkpoint in ``out`` into the parameters, optimizer and RNG: (its path,
-    (step, history, log lines)), or None when there is none. A damaged one is skipped, saying so; one of
-    another run (options that differ) is a :class:`TrainError`."""
+def _find_checkpoint(out: Path, identity: dict, dist_info: Dist) -> tuple | None:
+    """The newest readable checkpoint in ``out``, read: (path, state, weights, optimizer tensors, RNG
+    tensors), or None when there is none. A damaged one is skipped, saying so; one written with other
+    options (:data:`RESUME_KEYS`) is a :class:`TrainError` naming the first that differs."""
     for path in reversed(_step_dirs(out)):
         try:
             state, weights, opt_tensors, rng = _read_checkpoint(path)
@@ -718,18 +719,25 @@ def _resume(out: Path, identity: dict, params: dict, names: list[str], optimizer
             _say(dist_info, f"checkpoint {path} is damaged ({exc}); falling back to the one before it")
             continue
         _check_identity(path, state["identity"], identity)
-        missing = [n for n in names if n not in weights]
-        if missing:
-            raise TrainError(f"cannot resume from {path}: it has no tensor {missing[0]}")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(weights[name].to(param.device))
-        load_optimizer(optimizer, names, opt_tensors, state["param_groups"])
-        key = f"rank{dist_info.rank}"
-        if key in rng:
-            torch.set_rng_state(rng[key])
-        return path, (int(state["step"]), list(state["history"]), list(state.get("log", [])))
+        return path, state, weights, opt_tensors, rng
     return None
+
+
+def _resume(found: tuple, params: dict, names: list[str], optimizer, dist_info: Dist):
+    """Load a checkpoint :func:`_find_checkpoint` read into the parameters, optimizer and RNG: (step,
+    history, log lines)."""
+    path, state, weights, opt_tensors, rng = found
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise TrainError(f"cannot resume from {path}: it has no tensor {missing[0]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(param.device))
+    load_optimizer(optimizer, names, opt_tensors, state["param_groups"])
+    key = f"rank{dist_info.rank}"
+    if key in rng:
+        torch.set_rng_state(rng[key])
+    return int(state["step"]), list(state["history"]), list(state.get("log", []))
 
 
 def _write_outputs(model, config: TrainConfig, spec, out: Path, history: list, log: _Log, identity: dict,
