@@ -149,7 +149,8 @@ def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
         os.replace(new, final)
         return
     if final.is_symlink() or not final.is_dir():
-        raise NotADirectoryError(f"{final} exists and is not a directory")
+        raise NotADirectoryError(f"{final} is {'a symbolic link' if final.is_symlink() else 'not a directory'}; "
+                                 "only a directory is replaced")
     aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
     os.rmdir(aside)                        # a unique free name beside final
     os.replace(final, aside)

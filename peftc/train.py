@@ -312,6 +312,8 @@ def _prepare_out(config: TrainConfig, dist_info: Dist) -> tuple[Path, Path]:
         raise TrainError(f"--out {out} is a file, not a directory")
     contents = _contents(out)
     if config.overwrite:
+        if out.is_symlink():
+            raise TrainError(f"--out {out} is a symbolic link; --overwrite replaces only a directory")
         if contents and not any(marker in contents for marker in RUN_MARKERS):
             raise TrainError(f"--out {out} holds files that are not a peftc run ({', '.join(contents[:3])}"
                              f"{', ...' if len(contents) > 3 else ''}); --overwrite replaces only a peftc "

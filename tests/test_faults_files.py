@@ -158,6 +158,23 @@ def test_resume_refuses_any_changed_option_by_name_and_a_finished_run_is_kept(wo
 
 
 @pytest.mark.slow
+def test_only_this_runs_checkpoints_are_pruned(workdir, capsys):
+    other = train(config(workdir, out="other", steps=1, seed=1))               # another run's step-1
+    out = workdir / "out"
+    run = dict(steps=4, save_every=2, keep=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(workdir, **run), on_step=stop_at(3))
+    assert "the last complete checkpoint is " + str(out / "checkpoints" / "step-0000002") in capsys.readouterr().err
+    foreign = out / "checkpoints" / "step-0000001"
+    import shutil
+    shutil.copytree(other.out / "checkpoints" / "step-0000001", foreign)
+    before = snapshot(foreign)
+    train(config(workdir, resume=True, **run))
+    assert [p.name for p in checkpoints(out)] == ["step-0000001", "step-0000004"]     # keep=1 of this run's
+    assert snapshot(foreign) == before
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "missing", "bad json"])
 def test_a_damaged_newest_checkpoint_falls_back_and_a_killed_runs_temporaries_go(workdir, capsys, damage):
     out = workdir / "out"
