@@ -19,10 +19,9 @@ import peftc.fsutil
 import peftc.onnx_export
 from peftc.cli import main
 from peftc.errors import ExportError
-from peftc.train import TrainConfig, TrainError, checkpoints, staging_dir, train
+from peftc.train import TrainConfig, checkpoints, staging_dir, train
 from conftest import randomize_adapters
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEC = "lora q, v r=4 alpha=8\n"
 HEAD = "lora head r=8 alpha=16\n"          # a huge lr overflows the logits through the head's LoRA
 NO_HF_FORMAT = "adapter after=ffn bottleneck=8\n"   # HF PEFT has no file format for this adapter
