@@ -136,6 +136,7 @@ def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
 
 def analyze(gm: GraphModule) -> ModelSites:
     nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}      # graph order, for every choice made from a set
     sites = [s for s in (_linear_site(n, gm) for n in nodes if n.op == "call_function") if s is not None]
     by_node = {s.node: s for s in sites}
     linear_nodes = [n for n in nodes if n.name in by_node]
@@ -161,12 +162,14 @@ def analyze(gm: GraphModule) -> ModelSites:
             out |= nx.descendants(forward, user)
         return out
 
-    def feeding(node) -> set[str]:
+    def feeding(node) -> list[str]:
+        """The linears feeding ``node``, in graph order."""
         if not isinstance(node, Node):
-            return set()
+            return []
         found = {node} | nx.ancestors(backward, node)
-        return {n.name for n in found if n.name in by_node}
+        return [n.name for n in sorted((n for n in found if n.name in by_node), key=position.__getitem__)]
 
+    node_of = {n.name: n for n in linear_nodes}
     labels: dict[str, set[str]] = {}
     feeds: dict[str, dict[str, list[Node]]] = {}
     for attn in attentions:
@@ -178,15 +181,14 @@ def analyze(gm: GraphModule) -> ModelSites:
             if n.name in by_node:
                 labels.setdefault(n.name, set()).add("o")
     probes = []
-    for name, roles in labels.items():
+    for name, roles in sorted(labels.items(), key=lambda item: position[node_of[item[0]]]):
         if len(roles) == 1:
             by_node[name].role = roles.pop()
         elif roles <= set("qkv"):
             by_node[name].role = "".join(r for r in "qkv" if r in roles)
             probes.append(Probe(name, feeds[name]))
 
-    node_of = {n.name: n for n in linear_nodes}
-    probes += _label_ffn(sites, lambda s: reach(node_of[s.node]), reach, node_of)
+    probes += _label_ffn(sites, lambda s: reach(node_of[s.node]), reach, node_of, position)
     _apply_slices(support(probes, gm, _vocab(gm)), by_node)
     output = next(n for n in nodes if n.op == "output")
     for s in sites:
@@ -248,16 +250,18 @@ def _nearest(start: Node, step, linears: set[Node]) -> Node | None:
     return None
 
 
-def _label_ffn(sites: list[LinearSite], site_reach, reach, node_of) -> list[Probe]:
+def _label_ffn(sites: list[LinearSite], site_reach, reach, node_of, position: dict[Node, int]) -> list[Probe]:
     """Label gate/up/down; return probes for projections that may be a fused gate+up."""
     site_of = {s.node: s for s in sites}
+    order = {s.node: i for i, s in enumerate(sites)}     # graph order: never iterate a set of names
     reached: dict[str, set[str]] = {}
     through_act: dict[str, set[str]] = {}
     acts_of: dict[str, list[Node]] = {}
     for s in sites:
         node_reach = site_reach(s)
         reached[s.node] = {n.name for n in node_reach if n.name in site_of}
-        acts = [n for n in node_reach if n.op == "call_function" and n.target in ACTIVATION_OPS]
+        acts = sorted((n for n in node_reach if n.op == "call_function" and n.target in ACTIVATION_OPS),
+                      key=position.__getitem__)
         after = set()
         for act in acts:
             after |= {n.name for n in reach(act) if n.name in site_of}
@@ -267,10 +271,11 @@ def _label_ffn(sites: list[LinearSite], site_reach, reach, node_of) -> list[Prob
     for s in sites:
         if s.role is not None:
             continue
-        downs = [site_of[d] for d in through_act[s.node] if site_of[d].role in (None, "down")]
+        downs = [site_of[d] for d in sorted(through_act[s.node], key=order.__getitem__)
+                 if site_of[d].role in (None, "down")]
         if not downs:
             continue
-        down = downs[0]
+        down = downs[0]          # the first linear after the activation in graph order
         down.role = "down"
         partners = [site_of[p] for p, r in reached.items()
                     if down.node in r and p != s.node and site_of[p].role in (None, "up")
