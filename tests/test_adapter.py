@@ -5,6 +5,7 @@ import torch
 import peftc
 from peftc.compiled import op_histogram
 from conftest import token_ids
+from numerics import SAME_FUNCTION, assert_close, assert_differs
 
 ACTS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
         "tanh": torch.tanh}
@@ -67,8 +68,8 @@ def test_adapter_equals_eager_reference(ref, spec, tiny):
     reference = eager_reference(ref, adapters, options["parallel"], options["act"], options["scale"])
     with torch.no_grad():
         ours = model(ids)
-        assert (ours - outputs(tiny(ref), ids)).abs().max() > 1e-3
-        assert (ours - outputs(reference, ids)).abs().max() <= 1e-5
+        assert_differs(ours, outputs(tiny(ref), ids), rel=1e-3, why="live adapters")
+        assert_close(ours, outputs(reference, ids), rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
         merged = model.merge()                                          # adapters stay as graph ops
         assert torch.equal(merged(ids), ours)
     assert op_histogram(merged.graph_module) == op_histogram(model.graph_module)

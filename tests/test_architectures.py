@@ -8,6 +8,7 @@ from peft import PeftModel
 import peftc
 from peftc.cli import main
 from conftest import randomize_adapters, token_ids
+from numerics import SAME_FUNCTION, assert_close, assert_differs
 
 ARCHS = ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-phi3", "tiny-neox", "tiny-opt", "tiny-falcon"]
 SPECS = ["lora q, v r=4 alpha=8", "lora attn r=2 alpha=4", "lora ffn r=3 alpha=6 rslora=true",
@@ -31,13 +32,13 @@ def test_hf_peft_gives_the_same_outputs_from_our_files(ref, spec, tiny, tmp_path
         ours = model(ids)
     theirs = outputs(PeftModel.from_pretrained(peftc.load_model(ref), str(tmp_path)).eval(), ids)
     base = outputs(tiny(ref), ids)
-    assert (ours - base).abs().max() > 1e-3          # the adapters are live
-    assert (ours - theirs).abs().max() <= 1e-5
+    assert_differs(ours, base, rel=1e-3, why="live adapters")  # the adapters are live
+    assert_close(ours, theirs, rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
     with torch.no_grad():
-        assert (model.merge()(ids) - ours).abs().max() <= 1e-5
+        assert_close(model.merge()(ids), ours, rel=SAME_FUNCTION, why="a merged weight: one rounding, another order")
     back = peftc.load_hf_peft(peftc.load_model(ref), tmp_path)   # and HF PEFT's files load back
     with torch.no_grad():
-        assert (back(ids) - ours).abs().max() <= 1e-5
+        assert_close(back(ids), ours, rel=SAME_FUNCTION, why="the same weights through another load path")
 
 
 def fused(ref, path_part):
@@ -103,7 +104,7 @@ def test_gpt2_lora_q_v_changes_q_and_v_and_leaves_k_untouched(tiny):
         merged_out = h @ weight + base.bias
         base_out = base(h)
     assert torch.equal(merged_out[..., 64:128], base_out[..., 64:128])
-    assert (merged_out[..., :64] - base_out[..., :64]).abs().max() > 1e-3
+    assert_differs(merged_out[..., :64], base_out[..., :64], rel=1e-3, why="live adapters")
     trainable = sum(p.numel() for p in model.adapter_parameters().values())
     assert trainable == 4 * 2 * (4 * 64 + 64 * 4)     # per layer: a rank-4 LoRA for q and one for v
 
@@ -119,11 +120,11 @@ def test_two_statements_on_one_fused_projection_export_as_one_lora(tiny, tmp_pat
     with torch.no_grad():
         ours = model(ids)
     theirs = outputs(PeftModel.from_pretrained(peftc.load_model("tiny-phi3"), str(tmp_path)).eval(), ids)
-    assert (ours - theirs).abs().max() <= 1e-5
+    assert_close(ours, theirs, rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
     again = peftc.compile(tiny("tiny-phi3"), model.spec)      # what `peftc export` does with the files
     again.load_adapter(tmp_path)
     with torch.no_grad():
-        assert (again(ids) - ours).abs().max() <= 1e-5
+        assert_close(again(ids), ours, rel=SAME_FUNCTION, why="the same weights through another load path")
 
 
 def test_dense_file_does_not_load_into_slices(tiny, tmp_path):

@@ -6,6 +6,7 @@ import peftc
 from peftc.passes import lora
 from peftc.compiled import op_histogram
 from conftest import randomize_adapters, token_ids
+from numerics import REORDERED, REORDERED_GRADIENT, SAME_FUNCTION, assert_close
 
 aten = torch.ops.aten
 
@@ -53,18 +54,23 @@ def test_outputs_and_gradients_equal_an_unfused_compile(tiny, monkeypatch, ref, 
     apart = unfused(tiny(ref), spec, monkeypatch, seed=0)
     assert len(fused_matmuls(model)) == groups and not fused_matmuls(apart)
     ids = token_ids(vocab=100)
+    projection = None
     results = []
     for compiled in (model, apart):
         randomize_adapters(compiled)
         out = compiled(ids)
-        out.float().pow(2).mean().backward()
+        if projection is None:      # a fixed random readout: every LoRA weight moves the loss (a mean of
+            # squares of a LayerNorm output is nearly constant, and its gradients are ~1e-10)
+            projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        (out.float() * projection).sum().backward()
         results.append((out.detach(), {n: p.grad for n, p in compiled.adapter_parameters().items()}))
     (out, grads), (out_apart, grads_apart) = results
-    assert (out - out_apart).abs().max() <= 1e-6
+    # one matmul over concatenated A weights sums the same products in another order
+    assert_close(out, out_apart, rel=REORDERED, why="a fused matmul reorders float32 sums")
     assert grads.keys() == grads_apart.keys()
     for name, grad in grads.items():
-        assert grad.abs().sum() > 0, name
-        assert (grad - grads_apart[name]).abs().max() <= 1e-6, name
+        assert_close(grad, grads_apart[name], rel=REORDERED_GRADIENT, why="a fused matmul reorders float32 sums",
+                     name=name)
 
 
 def test_dropout_is_never_fused(tiny):
@@ -84,7 +90,7 @@ def test_merge_folds_fused_sites_to_the_base_ops(tiny):
     with torch.no_grad():
         ours = model(ids)
         merged = model.merge()
-        assert (merged(ids) - ours).abs().max() <= 1e-5
+        assert_close(merged(ids), ours, rel=SAME_FUNCTION, why="merged weights round once, then reorder")
         assert torch.equal(model(ids), ours)          # the compiled model keeps its fused graph
     assert model.dump_graph() == graph
     base = peftc.compile(tiny("tiny-llama"), "")
