@@ -48,6 +48,7 @@ def eager_reference(ref, adapters, parallel, act, scale):
     ("tiny-gpt2", "adapter after=attn,ffn bottleneck=8 parallel=true act=silu scale=2"),
     ("tiny-bert", "adapter after=ffn bottleneck=6 act=tanh"),
 ])
+@pytest.mark.slow
 def test_adapter_equals_eager_reference(ref, spec, tiny):
     model = peftc.compile(tiny(ref), spec)
     options = model.spec.statements[0].options

@@ -48,6 +48,7 @@ def test_bert_encoder_roles(tiny):
 
 
 @pytest.mark.parametrize("build", ["llama", "gpt2"])
+@pytest.mark.slow
 def test_eager_attention_gives_the_same_roles_as_sdpa(build):
     """Explicit matmul-softmax-matmul attention is found like an SDPA call."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

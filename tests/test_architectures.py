@@ -23,6 +23,7 @@ def outputs(model, ids):
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("ref", ARCHS)
+@pytest.mark.slow
 def test_hf_peft_gives_the_same_outputs_from_our_files(ref, spec, tiny, tmp_path):
     model = peftc.compile(tiny(ref), spec)
     randomize_adapters(model, scale=0.1)
@@ -46,6 +47,7 @@ def fused(ref, path_part):
     return next(s for s in sites.linears if path_part in s.path and s.layer == 1)
 
 
+@pytest.mark.slow
 def test_fused_slices_follow_the_dataflow():
     c_attn = fused("tiny-gpt2", "c_attn")
     assert c_attn.role == "qkv"
@@ -109,6 +111,7 @@ def test_gpt2_lora_q_v_changes_q_and_v_and_leaves_k_untouched(tiny):
     assert trainable == 4 * 2 * (4 * 64 + 64 * 4)     # per layer: a rank-4 LoRA for q and one for v
 
 
+@pytest.mark.slow
 def test_two_statements_on_one_fused_projection_export_as_one_lora(tiny, tmp_path):
     model = peftc.compile(tiny("tiny-phi3"), "lora q r=2 alpha=4\nlora v, up r=4 alpha=2 rslora=true")
     randomize_adapters(model)
@@ -156,6 +159,7 @@ def test_dense_file_does_not_load_into_slices(tiny, tmp_path):
                   "1  o        model.decoder.layers.1.self_attn.out_proj  64 x 64  linear",
                   "1  up       model.decoder.layers.1.fc1  128 x 64  linear"]),
 ])
+@pytest.mark.slow
 def test_inspect_shows_roles_and_fused_slices(ref, lines, capsys):
     assert main(["inspect", ref]) == 0
     out = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]

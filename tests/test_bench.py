@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_bench_writes_results_table_json_and_chart(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--models", "tiny-llama", "--repeats", "2",
                            "--groups", "compile,infer", "--out", str(tmp_path)], capture_output=True, text=True)

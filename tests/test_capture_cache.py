@@ -28,6 +28,7 @@ def cold(model, spec, monkeypatch, **kwargs):
         return peftc.compile(model, spec, **kwargs)
 
 
+@pytest.mark.slow
 def test_second_compile_hits_the_cache_and_equals_a_cold_compile(model, monkeypatch):
     first = peftc.compile(model, "lora q, v r=4")
     assert "capture" in first.timings and "capture_cached" not in first.timings
@@ -44,6 +45,7 @@ def test_second_compile_hits_the_cache_and_equals_a_cold_compile(model, monkeypa
         assert torch.equal(second(ids), reference(ids))
 
 
+@pytest.mark.slow
 def test_compiled_models_are_independent_and_share_base_weights(model):
     first = peftc.compile(model, "lora q, v r=4")
     randomize_adapters(first)
@@ -63,6 +65,7 @@ def test_compiled_models_are_independent_and_share_base_weights(model):
     assert first.graph_module.get_parameter(embed) is model.model.embed_tokens.weight
 
 
+@pytest.mark.slow
 def test_in_place_weight_updates_keep_the_capture_and_reach_its_graph(model):
     capture(model)
     with torch.no_grad():
@@ -75,6 +78,7 @@ def test_in_place_weight_updates_keep_the_capture_and_reach_its_graph(model):
                      why="the captured graph and transformers' eager modules")
 
 
+@pytest.mark.slow
 def test_replacing_a_parameter_or_module_or_the_dtype_misses_the_cache(model):
     assert not capture(model).cached
     assert capture(model).cached
@@ -90,6 +94,7 @@ def test_replacing_a_parameter_or_module_or_the_dtype_misses_the_cache(model):
     assert recaptured.gm.get_parameter("hf.lm_head.weight").dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_the_cache_does_not_keep_a_deleted_model_alive():
     model = peftc.load_model("tiny-llama")
     compiled = peftc.compile(model, "lora q r=2")
@@ -102,6 +107,7 @@ def test_the_cache_does_not_keep_a_deleted_model_alive():
         assert compiled(token_ids()).shape[:2] == (2, 12)
 
 
+@pytest.mark.slow
 def test_the_environment_variable_turns_the_cache_off(model, monkeypatch):
     monkeypatch.setenv("PEFTC_CAPTURE_CACHE", "0")
     assert not capture(model).cached
@@ -114,6 +120,7 @@ def test_the_environment_variable_turns_the_cache_off(model, monkeypatch):
 
 @pytest.mark.parametrize("spec", ["lora all-linear r=4\nia3 k, v\nbitfit o\nfull head",
                                   "quant nf4 base\nlora q, v r=4"])
+@pytest.mark.slow
 def test_merge_of_a_cached_compile_leaves_the_base_weights_untouched(model, monkeypatch, spec):
     weights = {name: t.clone() for name, t in model.state_dict().items()}
     peftc.compile(model, "lora q r=2")
@@ -132,6 +139,7 @@ def test_merge_of_a_cached_compile_leaves_the_base_weights_untouched(model, monk
         assert_differs(merged(ids), base(ids), rel=1e-3, why="live adapters")  # the merged adapters are really there
 
 
+@pytest.mark.slow
 def test_grouped_query_attention_reads_kv_heads_without_copies(tiny):
     """transformers repeats grouped keys and values for every query head before SDPA (a copy per layer);
     the capture hands SDPA the grouped tensors with enable_gqa instead, and computes exactly what the

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from peft import PeftModel
 
 import peftc
@@ -29,6 +31,7 @@ def test_check_missing_file(tmp_path, capsys):
     assert "nope.peft" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_inspect_lists_linears_with_roles(capsys):
     assert main(["inspect", "tiny-llama"]) == 0
     out = capsys.readouterr().out
@@ -45,6 +48,7 @@ def test_inspect_unknown_model_is_a_clear_error(capsys):
     assert "peftc: error: unknown model 'no-such-model'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compile_then_export_round_trip(tmp_path, capsys):
     spec = tmp_path / "s.peft"
     spec.write_text("lora q, v r=4 alpha=8\n")

@@ -28,6 +28,7 @@ def test_passes_run_in_rank_order_whatever_the_spec_order(tiny):
     assert [r.method for r in again.records] == [r.method for r in model.records]
 
 
+@pytest.mark.slow
 def test_mixed_spec_merges_what_folds_and_exports(tiny, tmp_path):
     model = peftc.compile(tiny("tiny-llama"), MIXED)
     live(model)
@@ -48,6 +49,7 @@ def test_mixed_spec_merges_what_folds_and_exports(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["ia3 k, v, down", "bitfit", "full o layers=1", "adapter bottleneck=4 parallel=true"])
+@pytest.mark.slow
 def test_each_method_exports_to_onnx(spec, tiny, tmp_path):
     model = peftc.compile(tiny("tiny-llama"), spec)
     live(model)

@@ -62,6 +62,7 @@ def single(workdir):
     return {n: p.detach().clone() for n, p in result.model.adapter_parameters().items()}, result
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_with_the_same_global_batch(workdir, single):
     reference, single_result = single
     dump = workdir / "dump"
@@ -85,6 +86,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(workdir, single)
     assert "2 processes" in (workdir / "ddp" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_peftc_train_under_torchrun(workdir, single):
     reference, _ = single
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -2,6 +2,8 @@
 import math
 import xml.etree.ElementTree as ET
 
+import pytest
+
 import torch
 
 import peftc
@@ -11,6 +13,7 @@ from peftc.explain import nearest_tokens
 SPEC = "lora q, v r=4 layers=0..1\nia3 down\nadapter after=attn bottleneck=8\n"
 
 
+@pytest.mark.slow
 def test_explain_reports_each_statements_change_per_layer(tmp_path, capsys):
     (tmp_path / "s.peft").write_text(SPEC)
     out = tmp_path / "out"
@@ -43,6 +46,7 @@ def test_nearest_tokens_finds_the_embedding_rows_themselves():
     assert all(math.isclose(row[0][1], 1.0, rel_tol=1e-5) for row in found)
 
 
+@pytest.mark.slow
 def test_graph_draws_the_block_with_inserted_nodes_highlighted(tmp_path, capsys):
     (tmp_path / "s.peft").write_text(SPEC)
     svg = tmp_path / "block.svg"

@@ -15,6 +15,7 @@ def merged_and_base():
     return model, model.merge(), peftc.compile(peftc.load_model("tiny-llama"), "")
 
 
+@pytest.mark.slow
 def test_merged_onnx_matches_torch_and_base_operator_counts(merged_and_base, tmp_path):
     _, merged, base = merged_and_base
     result = peftc.export_onnx(merged, tmp_path / "merged.onnx")
@@ -38,6 +39,7 @@ def test_merged_onnx_matches_torch_and_base_operator_counts(merged_and_base, tmp
                          why="ONNX Runtime's kernels, on shapes the export never saw")
 
 
+@pytest.mark.slow
 def test_unmerged_onnx_keeps_the_lora_branch(merged_and_base, tmp_path):
     model, _, _ = merged_and_base
     result = peftc.export_onnx(model, tmp_path / "unmerged.onnx")
@@ -48,6 +50,7 @@ def test_unmerged_onnx_keeps_the_lora_branch(merged_and_base, tmp_path):
 
 @pytest.mark.parametrize("ref, spec", [("tiny-gpt2", "lora q, v r=4"), ("tiny-phi3", "lora v, gate r=2"),
                                        ("tiny-falcon", "lora k, o r=2")])
+@pytest.mark.slow
 def test_sliced_lora_on_fused_projections_exports_merged_and_unmerged(ref, spec, tmp_path):
     model = peftc.compile(peftc.load_model(ref), spec)
     randomize_adapters(model)
@@ -60,6 +63,7 @@ def test_sliced_lora_on_fused_projections_exports_merged_and_unmerged(ref, spec,
     assert merged.op_counts == base.op_counts
 
 
+@pytest.mark.slow
 def test_external_data_and_atomic_write(merged_and_base, tmp_path):
     _, merged, _ = merged_and_base
     target = tmp_path / "ext.onnx"
@@ -83,6 +87,7 @@ def test_failed_export_leaves_existing_file(tmp_path):
 
 
 @pytest.mark.parametrize("ref, route", [("tiny-llama", "direct"), ("tiny-falcon", "decomposed")])
+@pytest.mark.slow
 def test_both_conversion_routes_agree_with_torch(ref, route, tmp_path):
     """LLaMA's captured graph translates op by op; Falcon's has an in-place add and takes torch.onnx's
     decomposing route. Either way ONNX Runtime computes what torch computes, on shapes not seen in export."""
@@ -101,6 +106,7 @@ def test_both_conversion_routes_agree_with_torch(ref, route, tmp_path):
         assert_close(got, merged(ids, mask), rel=ONNX_RUNTIME, why="ONNX Runtime's kernels")
 
 
+@pytest.mark.slow
 def test_merged_export_reuses_the_capture_and_equals_a_fresh_one(tmp_path):
     """A merge that folded everything leaves the captured graph as it was: the export converts the program
     torch.export gave at compile time, with the merged weights, instead of capturing again. Its ONNX gives

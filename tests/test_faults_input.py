@@ -178,6 +178,7 @@ def test_truncated_hf_weights(hf_dir, tiny):
 @pytest.mark.parametrize("text, column, written", [
     ("lora q alpha=1e400\n", 14, "1e400"), ("lora q alpha=1e300\n", 14, "1e300"),
     ("adapter scale=-1e39\n", 15, "-1e39"), ("lora q dropout=0.1 alpha=3.5e38\n", 26, "3.5e38")])
+@pytest.mark.slow
 def test_check_refuses_floats_outside_float32(tmp_path, text, column, written):
     spec = tmp_path / "s.peft"
     spec.write_text(text)
@@ -210,6 +211,7 @@ def test_bom_at_the_start_of_a_spec_is_accepted(tmp_path):
     assert peftc.parse("\ufefflora q r=4") == peftc.parse("lora q r=4")
 
 
+@pytest.mark.slow
 def test_deeply_nested_regex_in_a_spec(tmp_path):
     spec = tmp_path / "s.peft"
     spec.write_text("lora /" + "(" * 5000 + "q" + ")" * 5000 + "/\n")
@@ -231,6 +233,7 @@ def test_control_characters_never_reach_the_terminal_raw(tmp_path):
     assert lines[6].startswith(f"{spec}:4:1: error: unknown method 'lroa'")
 
 
+@pytest.mark.slow
 def test_error_output_is_bounded(tmp_path):
     spec = tmp_path / "s.peft"
     spec.write_text("lora q aplha=1\n" * 1000)
@@ -382,6 +385,7 @@ def test_a_full_disk_without_a_file_name_names_the_output(monkeypatch, capsys, t
 
 # ── peftc.json ───────────────────────────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 def test_manifest_spec_outside_the_run_directory_is_refused(run_dir, tmp_path):
     manifest = run_dir / "peftc.json"
     data = json.loads(manifest.read_text())
@@ -427,6 +431,7 @@ def test_bad_manifest_from_the_command_line(run_dir, tmp_path):
 
 # ── data files and model directories ──────────────────────────────────────────────────────────────────
 
+@pytest.mark.slow
 def test_lone_surrogate_in_training_data(tmp_path):
     spec = tmp_path / "s.peft"
     spec.write_text(LORA)

@@ -128,6 +128,7 @@ def test_specs_that_leave_the_head_alone_split_it(tiny, spec):
 
 
 @pytest.mark.parametrize("ref", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.slow
 def test_a_trainable_head_weight_gets_its_gradient(ref):
     """A head weight that requires grad (unfrozen by hand; on tiny-gpt2 the embedding shares it) gets the
     gradient full logits give it. The model is built here: the tiny fixture's models are never mutated."""
@@ -235,6 +236,7 @@ def test_a_graph_that_rewrites_the_head_after_the_split_is_an_error(tiny):
         split(batch()[0])
 
 
+@pytest.mark.slow
 def test_peftc_train_gives_what_full_logits_gave(tmp_path, monkeypatch):
     """Dropout, gradient accumulation and the eval loss: the same losses and adapters as the full-logits
     path (forced here by making head_split decline)."""

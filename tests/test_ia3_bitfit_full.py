@@ -25,6 +25,7 @@ def perturb(model, seed=0, around=0.0, scale=0.3):
 @pytest.mark.parametrize("ref, spec", [("tiny-llama", "ia3 k, v, down"), ("tiny-gpt2", "ia3 k, v, down"),
                                        ("tiny-bert", "ia3 attn, ffn layers=1..2"),
                                        ("tiny-falcon", "ia3 v, o, up, down"), ("tiny-phi3", "ia3 k, v, gate")])
+@pytest.mark.slow
 def test_ia3_equals_hf_peft_both_ways_and_merges(ref, spec, tiny, tmp_path):
     model = peftc.compile(tiny(ref), spec)
     ids = token_ids(seq=10)
@@ -46,6 +47,7 @@ def test_ia3_equals_hf_peft_both_ways_and_merges(ref, spec, tiny, tmp_path):
     assert op_histogram(merged.graph_module) == op_histogram(peftc.compile(tiny(ref), "").graph_module)
 
 
+@pytest.mark.slow
 def test_ia3_trainable_count_equals_hf_peft():
     report = peftc.compile(peftc.load_model("tiny-llama"), "ia3 k, v, down").report()
     hf = get_peft_model(peftc.load_model("tiny-llama"),

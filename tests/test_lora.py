@@ -33,6 +33,7 @@ def test_trainable_parameters_are_exactly_the_inserted_ones(tiny):
     ("all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None),
     ("ffn", ["gate_proj", "up_proj", "down_proj"], [1, 2]),
 ])
+@pytest.mark.slow
 def test_trainable_count_equals_hf_peft(targets, hf_targets, layers):
     spec = f"lora {targets} r=8" + (" layers=1..2" if layers else "")
     report = peftc.compile(peftc.load_model("tiny-llama"), spec).report()

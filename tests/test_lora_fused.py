@@ -49,6 +49,7 @@ def test_q_and_v_a_projections_are_one_matmul_per_layer(tiny, monkeypatch):
     ("tiny-llama", "quant nf4 base\nlora q, k, v r=4", 4),
     ("tiny-bert", "lora q, k, v r=4", 4),
 ])
+@pytest.mark.slow
 def test_outputs_and_gradients_equal_an_unfused_compile(tiny, monkeypatch, ref, spec, groups):
     model = peftc.compile(tiny(ref), spec, seed=0)
     apart = unfused(tiny(ref), spec, monkeypatch, seed=0)

@@ -30,6 +30,7 @@ def _reference_dequantize(packed, absmax, block, shape, dtype):
 
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("shape,block", SHAPES)
+@pytest.mark.slow
 def test_nf4_is_bit_identical_to_bitsandbytes(shape, block, double_quant):
     w = _weight(shape)
     packed, state = bnb.quantize_4bit(w, blocksize=block, quant_type="nf4", compress_statistics=double_quant)

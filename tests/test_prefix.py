@@ -52,6 +52,7 @@ def test_equals_hf_peft_through_its_files(ref, tiny, tmp_path):
 
 
 @pytest.mark.parametrize("ref", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.slow
 def test_loads_what_hf_peft_wrote(ref, tmp_path):
     torch.manual_seed(0)
     hf = get_peft_model(peftc.load_model(ref), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
@@ -66,6 +67,7 @@ def test_loads_what_hf_peft_wrote(ref, tmp_path):
 
 
 @pytest.mark.parametrize("project", [None, 16])
+@pytest.mark.slow
 def test_trainable_count_equals_hf_peft(project):
     spec = "prefix tokens=4" + (f" project={project}" if project else "")
     report = peftc.compile(peftc.load_model("tiny-llama"), spec).report()
@@ -119,6 +121,7 @@ def test_project_trains_the_mlp_and_merge_folds_it_away(tiny, tmp_path):
                      why="HF PEFT's modules sum in another order")
 
 
+@pytest.mark.slow
 def test_onnx_export_of_merged_prefix_runs_in_onnx_runtime(tiny, tmp_path):
     model = peftc.compile(tiny("tiny-llama"), "prefix tokens=3 project=8", seed=1)
     merged = model.merge()

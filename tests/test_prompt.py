@@ -47,6 +47,7 @@ def test_equals_hf_peft_on_the_real_positions(ref, tiny, tmp_path):
     assert_close(ours, theirs[:, 4:], rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
 
 
+@pytest.mark.slow
 def test_loads_what_hf_peft_wrote(tmp_path):
     torch.manual_seed(0)
     hf = get_peft_model(peftc.load_model("tiny-llama"), PromptTuningConfig(task_type="CAUSAL_LM",
@@ -62,6 +63,7 @@ def test_loads_what_hf_peft_wrote(tmp_path):
 
 
 @pytest.mark.parametrize("ref", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.slow
 def test_trainable_count_equals_hf_peft(ref):
     report = peftc.compile(peftc.load_model(ref), "prompt tokens=8").report()
     hf = get_peft_model(peftc.load_model(ref), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
@@ -98,6 +100,7 @@ def _model_with_tokenizer(directory):
     return str(directory)
 
 
+@pytest.mark.slow
 def test_init_text_equals_hf_peft_text_init(tmp_path):
     ref = _model_with_tokenizer(tmp_path / "model")
     text = "classify the review :"
@@ -122,6 +125,7 @@ def test_init_text_without_a_tokenizer_is_an_error(tiny):
     assert (err.value.line, err.value.column) == (2, 17)
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnx_runtime(tiny, tmp_path):
     """tiny-llama's grouped-query attention reshapes along the lengthened sequence (T + P) during export."""
     model = peftc.compile(tiny("tiny-llama"), "prompt tokens=5", seed=0)

@@ -37,6 +37,7 @@ def test_quant_base_replaces_every_linear_but_the_head(tiny):
                if n.meta.get("peftc", {}).get("pass") == "quant")
 
 
+@pytest.mark.slow
 def test_quant_runs_before_lora_whatever_the_spec_order(tiny):
     a = peftc.compile(tiny("tiny-llama"), "lora q, v r=4\nquant nf4 base", seed=0)
     b = peftc.compile(tiny("tiny-llama"), "quant nf4 base\nlora q, v r=4", seed=0)

@@ -12,6 +12,7 @@ from numerics import assert_export_close
 QLORA = "quant nf4 base\nlora q, v r=4 alpha=8"
 
 
+@pytest.mark.slow
 def test_quantized_graph_exports_and_runs_in_onnx_runtime(tiny, tmp_path):
     model = peftc.compile(tiny("tiny-llama"), QLORA, seed=0)
     randomize_adapters(model)
@@ -36,6 +37,7 @@ def exported(merged_qlora, tmp_path_factory):
 
 @pytest.mark.parametrize("target,op,count", [("fp32", "MatMul", 37), ("fp16", "Cast", 32),
                                               ("nf4", "MatMulBnb4", 28), ("int4", "MatMulNBits", 28)])
+@pytest.mark.slow
 def test_each_export_target_runs_in_onnx_runtime(exported, target, op, count):
     result = exported[target]
     assert_export_close(result.export)          # ONNX Runtime vs the target's torch model
@@ -49,6 +51,7 @@ def test_each_export_target_runs_in_onnx_runtime(exported, target, op, count):
         assert result.quantized == 28 and 4 < result.bits_per_weight < 5
 
 
+@pytest.mark.slow
 def test_export_sizes_shrink_with_the_target(exported):
     size = {t: r.export.size_bytes for t, r in exported.items()}
     assert size["nf4"] < 0.75 * size["fp32"] and size["int4"] < 0.75 * size["fp32"]
@@ -60,6 +63,7 @@ def test_nf4_export_refuses_a_block_onnx_runtime_cannot_run(merged_qlora, tmp_pa
         export_target(merged_qlora, tmp_path / "big.onnx", "nf4", block=1024)
 
 
+@pytest.mark.slow
 def test_cli_compile_prints_memory_and_export_nf4(tmp_path, capsys):
     spec = tmp_path / "qlora.peft"
     spec.write_text("quant nf4 base\nlora q, v r=4 init=random\n")

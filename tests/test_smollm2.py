@@ -10,6 +10,8 @@ from peftc.compiled import op_histogram
 from conftest import randomize_adapters, token_ids
 from numerics import SAME_FUNCTION, assert_close, assert_export_close
 
+pytestmark = pytest.mark.slow      # the real 135M-parameter model: every test loads or exports it
+
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "lora.peft"
 
 

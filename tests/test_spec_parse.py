@@ -268,6 +268,7 @@ def _as_plain(value):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(statement(), max_size=5),
        st.lists(st.sampled_from(["\n", ";", " ; ", "\r\n", "  # comment ; x\n\n"]), min_size=5, max_size=5))
+@pytest.mark.slow
 def test_round_trip(statements, separators):
     text = "".join(s + sep for (s, _), sep in zip(statements, separators))
     spec = parse(text)

@@ -169,6 +169,7 @@ def test_a_hand_written_loop_trains_the_compiled_model(tiny):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
+@pytest.mark.slow
 def test_train_writes_the_adapter_log_and_curve_and_export_reads_them(workdir):
     result = train(config(workdir, steps=6, eval_split=4, eval_every=3, log_every=2))
     out = workdir / "out"
@@ -193,6 +194,7 @@ def test_train_writes_the_adapter_log_and_curve_and_export_reads_them(workdir):
     assert main(["export", str(out), "--onnx", str(onnx)]) == 0 and onnx.is_file()
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_and_accumulation_is_the_same_batch(workdir):
     train(config(workdir, out="a", steps=3))
     train(config(workdir, out="b", steps=3))
@@ -207,6 +209,7 @@ def test_same_seed_same_bytes_and_accumulation_is_the_same_batch(workdir):
     assert other_seed.steps == 3
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_ends_with_the_same_bytes(workdir, monkeypatch):
     straight = train(config(workdir, out="straight", steps=6, save_every=2, lr=5e-3))
 
@@ -244,6 +247,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_ends_with_the_same_bytes(wo
         train(config(workdir, out="stopped", steps=6, save_every=2, lr=5e-3, resume=True, seed=1))
 
 
+@pytest.mark.slow
 def test_the_transformers_trainer_trains_the_compiled_model(workdir, tiny):
     from transformers import Trainer, TrainingArguments
     model = peftc.compile(tiny("tiny-llama"), SPEC, seed=0)
@@ -343,6 +347,7 @@ def test_eval_and_generate_commands(workdir, capsys):
     assert f"{workdir} has no peftc.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_signal_stops_the_command_with_its_checkpoints_intact_and_resume_finishes(workdir):
     """SIGTERM (and SIGINT, Ctrl-C, which Python turns into the same KeyboardInterrupt) stops
     `peftc train` with exit status 130 and the message naming the checkpoint to resume from."""
