@@ -1,9 +1,12 @@
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import peftc
+from peftc.train import TrainConfig
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,3 +39,23 @@ def randomize_adapters(model, seed: int = 0, scale: float = 0.2) -> None:
 
 def token_ids(batch: int = 2, seq: int = 12, vocab: int = 512, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def pairs(n: int = 24) -> list[dict]:
+    """A memorisation task: n prompts ("red 0:") each with a one-word completion."""
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
+    return [{"prompt": f"{words[i % 8]} {i}:", "completion": f" {words[(i * 3) % 8]}"} for i in range(n)]
+
+
+def train_config(workdir: Path, out: str = "out", **kw) -> TrainConfig:
+    """A few quick steps on tiny-llama with ``workdir``'s lora.peft and data.jsonl; ``kw`` overrides."""
+    options = dict(spec=str(workdir / "lora.peft"), data=str(workdir / "data.jsonl"), out=str(workdir / out),
+                   model="tiny-llama", steps=4, batch_size=4, lr=1e-2, max_length=32, progress=False,
+                   max_grad_norm=0.0)
+    options.update(kw)
+    return TrainConfig(**options)

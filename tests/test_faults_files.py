@@ -20,7 +20,7 @@ import peftc.onnx_export
 from peftc.cli import RELATIVE_TOLERANCE, main
 from peftc.errors import ExportError
 from peftc.train import TrainConfig, checkpoints, staging_dir, train
-from conftest import randomize_adapters
+from conftest import pairs, randomize_adapters, train_config, write_jsonl
 
 SPEC = "lora q, v r=4 alpha=8\n"
 HEAD = "lora head r=8 alpha=16\n"          # a huge lr overflows the logits through the head's LoRA
@@ -50,18 +50,12 @@ def hidden(directory: Path) -> list[str]:
 def workdir(tmp_path):
     (tmp_path / "lora.peft").write_text(SPEC)
     (tmp_path / "head.peft").write_text(HEAD)
-    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
-    rows = [{"prompt": f"{words[i % 8]} {i}:", "completion": f" {words[(i * 3) % 8]}"} for i in range(24)]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "data.jsonl", pairs())
     return tmp_path
 
 
 def config(workdir: Path, out: str = "out", **kw) -> TrainConfig:
-    options = dict(spec=str(workdir / "lora.peft"), data=str(workdir / "data.jsonl"), out=str(workdir / out),
-                   model="tiny-llama", steps=2, batch_size=4, lr=1e-2, max_length=32, progress=False,
-                   max_grad_norm=0.0)
-    options.update(kw)
-    return TrainConfig(**options)
+    return train_config(workdir, out, **{"steps": 2, **kw})
 
 
 def train_args(workdir: Path, out: Path, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ import peftc
 from peftc.cli import main
 from peftc.data import IGNORE, ByteTokenizer, Codec, DataError, Record, collate, read_jsonl, split_eval, \
     step_indices, tokenize
-from conftest import randomize_adapters
+from conftest import pairs, randomize_adapters, train_config, write_jsonl
 from numerics import ONNX_RUNTIME, SAME_FUNCTION, assert_close
 from peftc.train import CausalLMWithLoss, TrainConfig, TrainError, checkpoints, lr_at, token_loss_sum, train
 
@@ -24,16 +24,6 @@ LEARN = MEMORISE + "lora head r=8 alpha=16\n"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def pairs(n: int = 24) -> list[dict]:
-    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
-    return [{"prompt": f"{words[i % 8]} {i}:", "completion": f" {words[(i * 3) % 8]}"} for i in range(n)]
-
-
 @pytest.fixture
 def workdir(tmp_path):
     (tmp_path / "lora.peft").write_text(SPEC)
@@ -41,12 +31,7 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def config(workdir: Path, out: str = "out", **kw) -> TrainConfig:
-    options = dict(spec=str(workdir / "lora.peft"), data=str(workdir / "data.jsonl"), out=str(workdir / out),
-                   model="tiny-llama", steps=4, batch_size=4, lr=1e-2, max_length=32, progress=False,
-                   max_grad_norm=0.0)
-    options.update(kw)
-    return TrainConfig(**options)
+config = train_config
 
 
 def adapter_bytes(out: Path) -> bytes:
