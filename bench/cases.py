@@ -106,8 +106,8 @@ def peftc_step_fn(model, ids, mask, labels, head_only: bool = True):
     """One peftc training step as ``peftc train`` takes it: the compiled graph up to the head, then the head
     and the loss only on labelled positions, in chunks (the full logits when the head is rewritten). With
     ``head_only=False``: the same step computing the logits of every position, the loss on the labelled ones."""
-    from peftc.headloss import head_split
-    from peftc.train import token_loss_sum
+    from peftc.training.headloss import head_split
+    from peftc.training.train import token_loss_sum
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     split = head_split(model) if head_only else None
@@ -198,7 +198,7 @@ def group_train_memory(args) -> dict:
 def _completion_batch(ref: str, data: Path, batch: int, shots: int):
     """The first ``batch`` records of ``data``; with ``shots``, each prompt is preceded by that many solved
     records (a few-shot prompt: long prompt, short completion, only the completion labelled)."""
-    from peftc.data import Record, collate, load_codec, read_jsonl, tokenize
+    from peftc.training.data import Record, collate, load_codec, read_jsonl, tokenize
     codec = load_codec(ref)
     records = read_jsonl(data)
     chosen = []
@@ -240,7 +240,7 @@ def group_traindata_memory(args) -> dict:
 
 def group_compile(args) -> dict:
     import peftc
-    from peftc import capture
+    from peftc.graph import capture
     from peft import get_peft_model
     base = _load(args.model)
     spec = METHODS["lora-qv"]
@@ -296,8 +296,8 @@ def group_infer(args) -> dict:
 
 def _export_runs(ref: str, out: Path, details: list) -> tuple[dict, object]:
     import peftc
-    from peftc.capture import dynamic_shapes, max_positions
-    from peftc.onnx_export import quiet
+    from peftc.graph.capture import dynamic_shapes, max_positions
+    from peftc.export.onnx import quiet
     base = _load(ref)
     base.config.use_cache = False
     merged = peftc.compile(base, INFER_SPEC, seed=0).merge()
@@ -332,7 +332,7 @@ def group_export(args) -> dict:
     parts = {k: _summary([d.seconds[k] for d in details]) for k in last.seconds}
     base_result = peftc.export_onnx(peftc.compile(base, "", seed=0), out / "base.onnx", verify=False)
     latency = _ort_latency(out / "merged.onnx", out / "base.onnx", args, base.config)
-    plain_nodes = sum(peftc.onnx_export.onnx_op_counts(out / "plain.onnx").values())
+    plain_nodes = sum(peftc.export.onnx.onnx_op_counts(out / "plain.onnx").values())
     return {"times": times, "peftc_parts": parts, "route": last.route, "max_abs_diff": last.max_abs_diff,
             "merged_ops": dict(last.op_counts), "base_ops": dict(base_result.op_counts),
             "plain_nodes": plain_nodes, "ort": latency}

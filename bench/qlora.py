@@ -106,7 +106,7 @@ def worker_quantize(args) -> dict:
     import torch
     import bitsandbytes.functional as bnb
     import peftc
-    from peftc import nf4
+    from peftc.quant import nf4
     model = peftc.load_model(args.model)
     weights = [m.weight.detach() for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")]
@@ -150,7 +150,7 @@ def worker_onnx(args) -> dict:
     """Merge a QLoRA adapter (B small and non-zero, as after training) and export each target."""
     import torch
     import peftc
-    from peftc.deploy import export_target
+    from peftc.export.targets import export_target
     model = peftc.compile(args.model, QLORA, seed=0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = Path(__file__).resolve().parent / "cases.py"
 MIB = 2 ** 20
 PRELOAD = ("torch", "transformers", "peft", "onnx", "onnxruntime", "onnxscript", "torch.onnx", "peftc",
-           "peftc.onnx_export", "peftc.train", "cases")
+           "peftc.export.onnx", "peftc.training.train", "cases")
 TRAIN_METHODS = {"lora-qv": "LoRA q,v r=8", "lora-all": "LoRA all-linear r=16", "ia3": "IA3 k,v,down",
                  "prefix": "prefix 16 tokens"}
 

@@ -1,5 +1,5 @@
 """Errors that are not about spec text: a model that cannot be loaded, a pass that fails, an export that
-does not verify. Spec-text errors are :class:`peftc.diagnostics.SpecError` (a PeftcError too), which
+does not verify. Spec-text errors are :class:`peftc.lang.diagnostics.SpecError` (a PeftcError too), which
 carries line and column."""
 from __future__ import annotations
 

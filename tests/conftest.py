@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.train import TrainConfig
+from peftc.training.train import TrainConfig
 
 
 @functools.lru_cache(maxsize=None)

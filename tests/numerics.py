@@ -66,7 +66,7 @@ def assert_differs(actual, expected, *, rel: float, why: str, name: str = "") ->
 
 
 def assert_export_close(result, *, rel: float = ONNX_RUNTIME, why: str = "ONNX Runtime's kernels") -> None:
-    """An :class:`peftc.onnx_export.ExportResult`'s ONNX Runtime check, relative to its largest output."""
+    """An :class:`peftc.export.onnx.ExportResult`'s ONNX Runtime check, relative to its largest output."""
     assert result.max_abs_diff is not None and result.reference_absmax, "the export was not verified"
     ratio = result.max_abs_diff / result.reference_absmax
     _record("export", ratio, rel)

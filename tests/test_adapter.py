@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.compiled import op_histogram
+from peftc.compiler.compiled import op_histogram
 from conftest import token_ids
 from numerics import SAME_FUNCTION, assert_close, assert_differs
 

@@ -3,8 +3,8 @@ from collections import Counter
 import pytest
 
 import peftc
-from peftc.analysis import analyze
-from peftc.capture import capture
+from peftc.graph.analysis import analyze
+from peftc.graph.capture import capture
 
 
 def roles_by_path(model):

@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 
 import peftc
-from peftc.cli import main
+from peftc.cli.commands import main
 from conftest import randomize_adapters, token_ids
 from numerics import SAME_FUNCTION, assert_close, assert_differs
 
@@ -43,7 +43,7 @@ def test_hf_peft_gives_the_same_outputs_from_our_files(ref, spec, tiny, tmp_path
 
 
 def fused(ref, path_part):
-    sites = peftc.compiled.prepare(peftc.load_model(ref)).sites
+    sites = peftc.compiler.compiled.prepare(peftc.load_model(ref)).sites
     return next(s for s in sites.linears if path_part in s.path and s.layer == 1)
 
 
@@ -79,9 +79,9 @@ def test_fused_slices_follow_the_dataflow():
 ])
 def test_fused_layouts_of_other_architectures(name, build, expected):
     import transformers
-    from peftc.analysis import analyze
-    from peftc.capture import capture
-    from peftc.slices import describe
+    from peftc.graph.analysis import analyze
+    from peftc.graph.capture import capture
+    from peftc.graph.slices import describe
     torch.manual_seed(0)
     sites = analyze(capture(build(transformers)).gm)
     fused_sites = [s for s in sites.linears if s.slices]

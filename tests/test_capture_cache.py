@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.capture import capture, clear_cache
-from peftc.compiled import op_histogram
+from peftc.graph.capture import capture, clear_cache
+from peftc.compiler.compiled import op_histogram
 from conftest import randomize_adapters, token_ids
 from numerics import SAME_FUNCTION, assert_close, assert_differs
 

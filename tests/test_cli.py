@@ -5,7 +5,7 @@ import pytest
 from peft import PeftModel
 
 import peftc
-from peftc.cli import main
+from peftc.cli.commands import main
 
 
 def test_check_prints_normalized_spec(tmp_path, capsys):
@@ -79,10 +79,10 @@ def test_compile_error_leaves_no_output(tmp_path, capsys):
 
 
 def test_methods_lists_every_declared_option(capsys):
-    from peftc.methods import METHODS
+    from peftc.lang.options import METHODS
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    from peftc.passmanager import load_passes
+    from peftc.compiler.passmanager import load_passes
     headers = [line for line in out.splitlines() if line and not line.startswith(" ")]
     assert headers[0] == "lora TARGETS [OPTIONS]   (compiles)"
     assert headers[1].startswith("quant {nf4|int8} [TARGETS] [OPTIONS]   (")

@@ -1,9 +1,7 @@
 import pytest
 
 import peftc
-from peftc import passmanager
-
-
+from peftc.compiler import passmanager
 def test_statement_selecting_nothing_names_it_and_the_model(tiny):
     with pytest.raises(peftc.SpecError) as err:
         peftc.compile(tiny("tiny-llama"), "lora q r=2\nlora \"*.no_such_proj\" r=2", filename="s.peft")

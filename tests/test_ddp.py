@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from peftc.train import TrainConfig, train
+from peftc.training.train import TrainConfig, train
 from numerics import SAME_FUNCTION, assert_close
 
 SPEC = "lora q, v r=4 alpha=8\n"      # no dropout: ranks draw different masks, a single process one

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.onnx_export import onnx_op_counts
+from peftc.export.onnx import onnx_op_counts
 from conftest import randomize_adapters
 from numerics import ONNX_RUNTIME, REORDERED, assert_close, assert_export_close
 

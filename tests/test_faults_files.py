@@ -16,10 +16,10 @@ import torch
 
 import peftc
 import peftc.fsutil
-import peftc.onnx_export
-from peftc.cli import RELATIVE_TOLERANCE, main
+import peftc.export.onnx
+from peftc.cli.commands import RELATIVE_TOLERANCE, main
 from peftc.errors import ExportError
-from peftc.train import TrainConfig, checkpoints, staging_dir, train
+from peftc.training.train import TrainConfig, checkpoints, staging_dir, train
 from conftest import pairs, randomize_adapters, train_config, write_jsonl
 
 SPEC = "lora q, v r=4 alpha=8\n"
@@ -293,7 +293,7 @@ def test_an_export_that_fails_its_check_leaves_the_previous_file(tmp_path, monke
     assert main(["export", str(out), "--onnx", str(onnx_path), *target]) == 0
     assert stat.S_IMODE(onnx_path.stat().st_mode) == 0o666 & ~_umask()
     good = onnx_path.read_bytes()
-    real_verify = peftc.onnx_export.verify_onnx
+    real_verify = peftc.export.onnx.verify_onnx
 
     seen = {}
 
@@ -302,7 +302,7 @@ def test_an_export_that_fails_its_check_leaves_the_previous_file(tmp_path, monke
         seen["absmax"] = absmax
         assert Path(path) != onnx_path and onnx_path.read_bytes() == good
         return 0.5, provider, absmax
-    monkeypatch.setattr(peftc.onnx_export, "verify_onnx", off_by_half)
+    monkeypatch.setattr(peftc.export.onnx, "verify_onnx", off_by_half)
     capsys.readouterr()
     assert main(["export", str(out), "--onnx", str(onnx_path), *target]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
@@ -312,7 +312,7 @@ def test_an_export_that_fails_its_check_leaves_the_previous_file(tmp_path, monke
 
     def cannot_load(module, path):
         raise ExportError(f"{path}: ONNX Runtime cannot load it")
-    monkeypatch.setattr(peftc.onnx_export, "verify_onnx", cannot_load)
+    monkeypatch.setattr(peftc.export.onnx, "verify_onnx", cannot_load)
     fresh = tmp_path / "out" / "fresh.onnx"
     assert main(["export", str(out), "--onnx", str(fresh), *target]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
@@ -339,7 +339,7 @@ def test_external_data_takes_its_final_name_only_when_verified(tmp_path, monkeyp
     second = peftc.export_onnx(merged, target, external_data=True)      # a passing export replaces both
     now = snapshot(tmp_path)
     assert sorted(now) == ["ext.onnx", "ext.onnx.data"] and now["ext.onnx.data"] != good["ext.onnx.data"]
-    ids, mask = peftc.onnx_export._verify_inputs(merged)
+    ids, mask = peftc.export.onnx._verify_inputs(merged)
     session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     with torch.no_grad():

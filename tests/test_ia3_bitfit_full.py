@@ -4,7 +4,7 @@ import torch
 from peft import IA3Config, PeftModel, get_peft_model
 
 import peftc
-from peftc.compiled import op_histogram
+from peftc.compiler.compiled import op_histogram
 from conftest import token_ids
 from numerics import SAME_FUNCTION, assert_close, assert_differs
 

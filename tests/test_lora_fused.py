@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import peftc
-from peftc.passes import lora
-from peftc.compiled import op_histogram
+from peftc.methods.lora import rewrite as lora
+from peftc.compiler.compiled import op_histogram
 from conftest import randomize_adapters, token_ids
 from numerics import REORDERED, REORDERED_GRADIENT, SAME_FUNCTION, assert_close
 

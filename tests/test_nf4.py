@@ -7,7 +7,13 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-from peftc import int4, int8, nf4, qops
+from peftc.quant import int4
+
+from peftc.quant import int8
+
+from peftc.quant import nf4
+
+from peftc.quant import ops as qops
 from peftc.errors import ModelError
 from numerics import REORDERED, assert_close
 

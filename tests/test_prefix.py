@@ -10,8 +10,8 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from torch import nn
 
 import peftc
-from peftc.compiled import op_histogram
-from peftc.passes.prefix import PrefixEncoderRecord, _Emit, extend_attention
+from peftc.compiler.compiled import op_histogram
+from peftc.methods.prefix.rewrite import PrefixEncoderRecord, _Emit, extend_attention
 from conftest import randomize_adapters, token_ids
 from numerics import REORDERED, SAME_FUNCTION, assert_close, assert_differs, assert_export_close
 

@@ -7,9 +7,9 @@ import torch
 from conftest import randomize_adapters, token_ids
 
 import peftc
-from peftc import qops
-from peftc.compiled import op_histogram
-from peftc.qrewrite import QuantizedWeight
+from peftc.quant import ops as qops
+from peftc.compiler.compiled import op_histogram
+from peftc.quant.rewrite import QuantizedWeight
 from numerics import SAME_FUNCTION, assert_close
 
 QLORA = "quant nf4 base\nlora q, v r=4 alpha=8"

@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 
 import peftc
-from peftc.compiled import op_histogram
+from peftc.compiler.compiled import op_histogram
 from conftest import randomize_adapters, token_ids
 from numerics import SAME_FUNCTION, assert_close, assert_export_close
 

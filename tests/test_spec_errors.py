@@ -1,8 +1,8 @@
 """Mistakes in spec text: each is reported at its line and column, with the message a user reads."""
 import pytest
 
-from peftc.diagnostics import Diagnostic, Span, SpecError, render
-from peftc.spec import parse
+from peftc.lang.diagnostics import Diagnostic, Span, SpecError, render
+from peftc.lang.spec import parse
 
 TARGET = 'a target (a role word, a "glob" or a /regex/)'
 

@@ -1,14 +1,15 @@
 """Spec text to IR: every statement form, separators and comments, normalized text, and round trips."""
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peftc import spec as spec_module
-from peftc.diagnostics import visible
-from peftc.methods import METHODS
-from peftc.spec import LayerSelection, Target, grammar_path, parse, parse_file, quote
+from peftc.lang import spec as spec_module
+from peftc.lang.diagnostics import visible
+from peftc.lang.options import METHODS
+from peftc.lang.spec import LayerSelection, Target, grammar_text, parse, parse_file, quote
 
 LORA_DEFAULTS = {"r": 8, "alpha": 8.0, "dropout": 0.0, "rslora": False, "init": "zero", "layers": None,
                  "exclude": None}
@@ -162,19 +163,12 @@ def test_parse_file(tmp_path):
         parse_file(tmp_path / "none.peft")
 
 
-def test_grammar_is_found_in_the_package_first_then_the_checkout(tmp_path, monkeypatch):
-    assert grammar_path() == spec_module.Path(spec_module.__file__).resolve().parent.parent / "grammar" / "peft.lark"
-    for layout in ("wheel/peftc/grammar", "checkout/grammar", "checkout/peftc/none"):
-        (tmp_path / layout).mkdir(parents=True)
-    (tmp_path / "wheel/peftc/grammar/peft.lark").write_text("")
-    (tmp_path / "checkout/grammar/peft.lark").write_text("")
-    monkeypatch.setattr(spec_module, "__file__", str(tmp_path / "wheel/peftc/spec.py"))
-    assert grammar_path() == tmp_path / "wheel/peftc/grammar/peft.lark"
-    monkeypatch.setattr(spec_module, "__file__", str(tmp_path / "checkout/peftc/spec.py"))
-    assert grammar_path() == tmp_path / "checkout/grammar/peft.lark"
-    monkeypatch.setattr(spec_module, "__file__", str(tmp_path / "nowhere/peftc/spec.py"))
-    with pytest.raises(FileNotFoundError, match="grammar"):
-        grammar_path()
+def test_grammar_is_package_data_of_peftc_lang():
+    """The grammar is read with importlib.resources from the package itself, the same in a checkout and in
+    an installed wheel (tests/test_wheel.py checks the wheel), not searched for in two places."""
+    path = Path(spec_module.__file__).with_name("peft.lark")
+    assert path.is_file() and grammar_text() == path.read_text(encoding="utf-8")
+    assert "statement" in grammar_text()
 
 
 # ── round trip: random valid statements drawn from the METHODS declarations ────────────────────────

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import peftc
-from peftc.cli import main
-from peftc.data import IGNORE, ByteTokenizer, Codec, DataError, Record, collate, read_jsonl, split_eval, \
+from peftc.cli.commands import main
+from peftc.training.data import IGNORE, ByteTokenizer, Codec, DataError, Record, collate, read_jsonl, split_eval, \
     step_indices, tokenize
 from conftest import pairs, randomize_adapters, train_config, write_jsonl
 from numerics import ONNX_RUNTIME, SAME_FUNCTION, assert_close
-from peftc.train import CausalLMWithLoss, TrainConfig, TrainError, checkpoints, lr_at, token_loss_sum, train
+from peftc.training.train import CausalLMWithLoss, TrainConfig, TrainError, checkpoints, lr_at, token_loss_sum, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "lora q, v r=4 alpha=8\n"
@@ -209,7 +209,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_ends_with_the_same_bytes(wo
     assert "# interrupted after step 5" in (out / "train.log").read_text()
 
     # Ctrl-C while the next checkpoint is being written: the half-written one never appears
-    import peftc.train as train_module
+    import peftc.training.train as train_module
     real_save = train_module.save_tensors
 
     def interrupted_save(path, tensors, metadata=None):
@@ -241,7 +241,7 @@ def test_the_transformers_trainer_trains_the_compiled_model(workdir, tiny):
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
     def collator(rows):
-        from peftc.data import Example
+        from peftc.training.data import Example
         return collate([Example(r["input_ids"], r["labels"], 0) for r in rows], codec.pad_id)
     before = {n: p.detach().clone() for n, p in model.adapter_parameters().items()}
     args = TrainingArguments(output_dir=str(workdir / "hf"), per_device_train_batch_size=4, max_steps=8,
@@ -265,7 +265,7 @@ def test_the_three_decoders_give_the_same_tokens(tiny, tmp_path):
     """Greedy decoding through the compiled graph, the merged transformers model with its KV cache, and the
     merged model's ONNX export in ONNX Runtime gives the same tokens: an equivalence, checked on seeded
     random adapters (no training, so nothing hinges on how a run converged on this CPU)."""
-    from peftc.generate import CachedDecoder, RecomputeDecoder, decoder_for, greedy, onnx_logits, torch_logits
+    from peftc.training.generate import CachedDecoder, RecomputeDecoder, decoder_for, greedy, onnx_logits, torch_logits
     model = peftc.compile(tiny("tiny-llama"), LEARN, seed=0)
     randomize_adapters(model, seed=2, scale=1.0)
     model.eval()
@@ -301,7 +301,7 @@ def test_training_learns_a_memorised_task(workdir):
     """Over seeds 0-5 on an AMD EPYC these settings reach final losses of 0.004-0.007 and 8 of 8 exact (a
     constant lr of 1e-2 without clipping learned 0/8 there); the bounds, a loss under 0.1 and 7 of 8, leave a
     margin of more than ten for another CPU's trajectory."""
-    from peftc.generate import decoder_for, exact_match
+    from peftc.training.generate import decoder_for, exact_match
     result = train(learns(workdir, "out", seed=0))
     assert result.history[0]["loss"] > 3 and result.loss < 0.1, [h["loss"] for h in result.history[::10]]
     scored = exact_match(decoder_for(result.model.eval()), Codec(ByteTokenizer()), read_jsonl(workdir / "data.jsonl"))

@@ -16,8 +16,8 @@ def test_wheel_ships_grammar_and_passes_and_runs(tmp_path):
                     "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
     wheel = next((tmp_path / "dist").glob("peftc-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "peftc/grammar/peft.lark" in names
-    assert "peftc/passes/lora.py" in names
+    assert "peftc/lang/peft.lark" in names
+    assert "peftc/methods/lora/rewrite.py" in names
     # a fresh venv that sees this environment's dependencies (torch, lark...) through a plain path
     # entry, but not its editable install of peftc, which is only activated from a site directory
     venv = tmp_path / "venv"
@@ -28,7 +28,7 @@ def test_wheel_ships_grammar_and_passes_and_runs(tmp_path):
     (venv_site / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
                     str(wheel)], check=True)
-    code = ("import peftc, peftc.passmanager as pm; "
+    code = ("import peftc, peftc.compiler.passmanager as pm; "
             "print(peftc.__file__); print(sorted(pm.load_passes())); "
             "print(peftc.parse('lora q,v r=4').format())")
     run = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True)

@@ -1,1 +1,0 @@
-"""Rewrite passes, one module per DSL keyword; each registers itself with peftc.passmanager.register."""

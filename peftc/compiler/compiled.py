@@ -1,0 +1,252 @@
+"""``peftc.compile`` and :class:`CompiledModel`, the trainable rewritten model."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc.graph.analysis import ModelSites, analyze
+from peftc.graph.capture import capture, deepcopy_quietly
+from peftc.compiler.memory import WeightBytes
+from peftc.models import load_model
+from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager, load_passes
+from peftc.lang.spec import Spec, parse, parse_file
+
+aten = torch.ops.aten
+
+
+def compile(model: nn.Module | str, spec: Spec | str | Path, *, filename: str | None = None,
+            seed: int | None = None) -> "CompiledModel":
+    """Capture ``model`` (a transformers model or a model reference) and rewrite it with ``spec``
+    (a parsed Spec, spec text, or a path to a spec file). With ``seed``, the inserted weights are
+    initialised from that seed (torch's global generator is left as it was); without, from torch's
+    global generator, as HF PEFT does."""
+    return compile_prepared(prepare(model), spec, filename=filename, seed=seed)
+
+
+@dataclass
+class Prepared:
+    """A captured and analysed model, ready for one compile."""
+    captured: object
+    sites: ModelSites
+    ref: str
+    timings: dict[str, float]
+
+
+def prepare(model: nn.Module | str) -> Prepared:
+    """Load (for a reference), capture and analyse ``model``. The timings name the capture ``capture``, or
+    ``capture_cached`` when it was a copy of an earlier capture of the same model object."""
+    ref = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or type(model).__name__
+    timings: dict[str, float] = {}
+    if isinstance(model, str):
+        start = time.perf_counter()
+        model = load_model(model)
+        timings["load"] = time.perf_counter() - start
+    captured = capture(model)
+    timings["capture_cached" if captured.cached else "capture"] = captured.seconds
+    start = time.perf_counter()
+    sites = analyze(captured.gm)
+    timings["analysis"] = time.perf_counter() - start
+    return Prepared(captured, sites, ref, timings)
+
+
+def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: str | None = None,
+                     seed: int | None = None) -> "CompiledModel":
+    if isinstance(spec, Path):
+        spec = parse_file(spec)
+    elif isinstance(spec, str):
+        spec = parse(spec, filename)
+    captured = prepared.captured
+    ctx = CompileContext(gm=captured.gm, sites=prepared.sites, spec=spec, kind=captured.kind,
+                         model_ref=prepared.ref, config=captured.config)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        gm = PassManager(ctx).run()
+    timings = dict(prepared.timings, passes=time.perf_counter() - start)
+    model = CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
+                          config=captured.config, model_ref=prepared.ref, timings=timings)
+    model.base_program = captured.base
+    return model
+
+
+def op_histogram(gm: GraphModule) -> Counter:
+    """Counts of call_function targets, the measure "the merged graph equals the base graph" uses."""
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+class CompiledModel(nn.Module):
+    """A rewritten model: call it with ``input_ids`` (and optionally ``attention_mask``) for logits, or
+    for the last hidden state of an encoder. Only the inserted parameters require gradients."""
+
+    def __init__(self, gm: GraphModule, *, spec: Spec, sites: ModelSites, records: list, kind: str,
+                 config, model_ref: str, timings: dict[str, float] | None = None):
+        super().__init__()
+        self.graph_module = gm
+        self.spec = spec
+        self.sites = sites
+        self.records = records
+        self.kind = kind
+        self.config = config
+        self.model_ref = model_ref
+        self.timings = dict(timings or {})
+        #: what merge() folded into the weights (quantized bases come back as dequant(W))
+        self.folded: list = []
+        #: the capture's own program (peftc.graph.capture.BaseProgram), for an export without a second capture
+        self.base_program = None
+        self.training = False
+        self._set_dropout(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.graph_module(input_ids, attention_mask)
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """Switch dropout (captured and inserted) between training and inference behaviour."""
+        self.training = mode
+        self._set_dropout(mode)
+        return self
+
+    def _set_dropout(self, mode: bool) -> None:
+        changed = False
+        for node in self.graph_module.graph.nodes:
+            if node.op == "call_function" and node.target is aten.dropout.default and node.args[2] != mode:
+                node.args = (node.args[0], node.args[1], mode)
+                changed = True
+        if changed:
+            self.graph_module.recompile()
+
+    # --- what was inserted -------------------------------------------------------------------------
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Inserted parameters by a stable name: ``<module path>.<name>``, with ``[roles]`` after the
+        path for the slices of a fused projection (``transformer.h.0.attn.c_attn[q,v].lora_A``)."""
+        out = {}
+        for record in self.records:
+            for name, param in record.parameters(self.graph_module).items():
+                out[f"{getattr(record, 'key', record.site.path)}.{name}"] = param
+        return out
+
+    def report(self) -> "Report":
+        return Report.of(self)
+
+    def dump_graph(self) -> str:
+        """The rewritten graph, one node a line; inserted nodes are marked with their pass and span."""
+        lines = []
+        for node in self.graph_module.graph.nodes:
+            tag = node.meta.get(META_KEY)
+            mark = f"+ [{tag['pass']} @ {tag['span']}]" if tag else " "
+            lines.append(f"{mark} {node.format_node()}")
+        return "\n".join(lines) + "\n"
+
+    # --- fold and interchange ----------------------------------------------------------------------
+    def merge(self) -> "CompiledModel":
+        """A copy with every foldable adapter folded into the base weights (checked for NaN/inf first)."""
+        registry = load_passes()
+        gm = deepcopy_quietly(self.graph_module)
+        kept, folded = [], []
+        # records fold in the order the passes ran: a quantized base (quant, rank 40) turns back into the
+        # float linear dequant(W) before the LoRA on it (rank 60) is added to that weight
+        for record in self.records:
+            fold = getattr(registry[record.method], "fold", None)
+            if fold is None or not getattr(record, "foldable", True):   # e.g. a prefix stays a graph op
+                kept.append(record)
+                continue
+            fold(gm, record)
+            folded.append(record)
+        gm.graph.lint()
+        gm.recompile()
+        merged = CompiledModel(gm, spec=self.spec, sites=self.sites, records=kept, kind=self.kind,
+                               config=self.config, model_ref=self.model_ref)
+        merged.folded = folded
+        merged.base_program = self.base_program
+        merged.train(self.training)
+        return merged
+
+    def save_hf_peft(self, directory: str | Path) -> Path:
+        from peftc.interop.hf_peft import save_hf_peft
+        return save_hf_peft(self, directory)
+
+    def save_adapter(self, directory: str | Path) -> list[str]:
+        """Write peftc's adapter file (any methods) and, when one HF PEFT format holds every adapter,
+        HF PEFT's files too. Returns the names of the files written."""
+        from peftc.interop.adapter_file import FILE, save_adapter
+        from peftc.interop.hf_peft import CONFIG, WEIGHTS, format_for, save_hf_peft
+        from peftc.errors import AdapterError
+        save_adapter(self, directory)
+        try:   # a format may refuse this model's adapters (a prefix on some layers only) before writing
+            format_for(self)
+            save_hf_peft(self, directory)
+        except AdapterError:
+            return [FILE]
+        return [FILE, CONFIG, WEIGHTS]
+
+    def load_adapter(self, directory: str | Path) -> "CompiledModel":
+        """Load adapter weights written by ``save_adapter`` (peftc's file, or else HF PEFT's files)."""
+        from peftc.interop.adapter_file import FILE, load_adapter
+        from peftc.interop.hf_peft import load_adapter_weights
+        if (Path(directory) / FILE).is_file():
+            load_adapter(self, directory)
+        else:
+            load_adapter_weights(self, directory)
+        return self
+
+
+@dataclass
+class Report:
+    statements: list[tuple[str, int, int]]              # (statement text, sites, trainable)
+    layers: dict[str, list[int]]                         # layer label -> trainable per statement
+    trainable: int
+    total: int
+    timings: dict[str, float] = field(default_factory=dict)
+    #: bytes of the base weights by precision, and of the adapters
+    memory: WeightBytes | None = None
+
+    @classmethod
+    def of(cls, model: CompiledModel) -> "Report":
+        n = len(model.spec.statements)
+        per_statement = [[0, 0] for _ in range(n)]
+        layers: dict[str, list[int]] = {}
+        for record in model.records:
+            count = sum(p.numel() for p in record.parameters(model.graph_module).values())
+            per_statement[record.statement][0] += 1
+            per_statement[record.statement][1] += count
+            label = "-" if record.site.layer is None else str(record.site.layer)
+            layers.setdefault(label, [0] * n)[record.statement] += count
+        params = list(model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        rows = [(str(s), sites, count) for s, (sites, count) in zip(model.spec.statements, per_statement)]
+        ordered = dict(sorted(layers.items(), key=lambda kv: (kv[0] == "-", int(kv[0]) if kv[0] != "-" else 0)))
+        memory = WeightBytes.of(model.graph_module)
+        # quantized weights are buffers; "all params" counts them, as HF PEFT counts its 4-bit weights
+        total = sum(p.numel() for p in params) + memory.quantized_weights
+        return cls(rows, ordered, trainable, total, dict(model.timings), memory)
+
+    def to_dict(self) -> dict:
+        return {"statements": [{"statement": s, "sites": n, "trainable": c} for s, n, c in self.statements],
+                "layers": self.layers, "trainable": self.trainable, "total": self.total,
+                "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+                **({"memory": self.memory.to_dict()} if self.memory else {})}
+
+    def __str__(self) -> str:
+        width = max([len("statement")] + [len(s) for s, _, _ in self.statements])
+        lines = [f"{'#':>2}  {'statement':<{width}}  {'sites':>5}  {'trainable':>11}"]
+        for i, (text, sites, count) in enumerate(self.statements, 1):
+            lines.append(f"{i:>2}  {text:<{width}}  {sites:>5}  {count:>11,}")
+        if self.layers:
+            heads = "".join(f"  {'#' + str(i):>9}" for i in range(1, len(self.statements) + 1))
+            lines += ["", f"{'layer':>5}{heads}  {'total':>9}"]
+            for label, counts in self.layers.items():
+                cells = "".join(f"  {c:>9,}" for c in counts)
+                lines.append(f"{label:>5}{cells}  {sum(counts):>9,}")
+        if self.memory:
+            lines += [""] + self.memory.lines()
+        lines += ["", f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+                      f"trainable%: {100 * self.trainable / max(self.total, 1):.4f}"]
+        return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The pass manager: one pass per spec statement, looked up in a registry keyed by the DSL keyword.
+
+A pass is a small class with ``keyword`` and ``run(ctx, statement) -> PassResult``, and optionally
+``finish(ctx) -> PassResult``, run once after its last statement (LoRA fuses A projections there). Every
+node it inserts is tagged through :meth:`CompileContext.tag` with the pass and the statement's span. After
+each step that modified the graph it is linted, and recompiled once at the end; a failure is reported as
+"error in pass X (file:line:col) after [A, B]"."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule, Node
+
+from peftc.graph.analysis import ModelSites
+from peftc.lang.diagnostics import SpecError
+from peftc.errors import PassError, PeftcError
+
+META_KEY = "peftc"
+
+
+@dataclass
+class PassResult:
+    graph_module: GraphModule
+    modified: bool
+
+
+@dataclass
+class CompileContext:
+    gm: GraphModule
+    sites: ModelSites
+    spec: Any                       # peftc.lang.spec.Spec
+    kind: str                       # "causal-lm" or "encoder"
+    records: list = field(default_factory=list)   # what each pass inserted, in order
+    timings: dict[str, float] = field(default_factory=dict)
+    #: linear node name -> name of the node that now carries its output (after LoRA sums, IA3 scales...)
+    outputs: dict[str, str] = field(default_factory=dict)
+    #: the model reference (for its tokenizer) and its Hugging Face config, when known
+    model_ref: str | None = None
+    config: Any = None
+
+    def output_of(self, node_name: str) -> Node:
+        """The node carrying a linear's output now: a pass that adds to or scales it builds on this."""
+        site = self.sites.by_node.get(node_name)
+        name = self.outputs.get(node_name) or (site.output if site and site.output else node_name)
+        return next(n for n in self.gm.graph.nodes if n.name == name)
+
+    def replace_output(self, node_name: str, new: Node, inserted=()) -> None:
+        """Route every user of the linear's current output to ``new`` (which itself reads that output),
+        except ``new`` and the ``inserted`` nodes that compute it."""
+        tip = self.output_of(node_name)
+        own = {new, *inserted}
+        tip.replace_all_uses_with(new, delete_user_cb=lambda user: user not in own)
+        self.outputs[node_name] = new.name
+
+    def tag(self, node: Node, keyword: str, statement, index: int) -> Node:
+        span = statement.span
+        node.meta[META_KEY] = {"pass": keyword, "statement": index,
+                               "span": f"{span.filename or '<spec>'}:{span.line}:{span.column}"}
+        return node
+
+    def add_module(self, name: str, module: torch.nn.Module) -> str:
+        self.gm.add_submodule(name, module)
+        return name
+
+
+class Pass:
+    """Base class of rewrite passes; subclasses set ``keyword`` and implement ``run``."""
+    keyword: ClassVar[str]
+    #: lower runs earlier; passes of equal rank run in spec order
+    rank: ClassVar[int] = 50
+
+    def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
+        raise PassError(f"pass {type(self).__name__} does not implement run()")
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    if cls.keyword in REGISTRY:
+        raise PassError(f"two passes registered for '{cls.keyword}'")
+    REGISTRY[cls.keyword] = cls
+    return cls
+
+
+def load_passes() -> dict[str, type[Pass]]:
+    """The registry, once :mod:`peftc.methods` (whose ``PASSES`` lists every pass) has registered them."""
+    import peftc.methods  # noqa: F401  (the methods import this module: importing them here is deferred)
+    return REGISTRY
+
+
+def order(statements) -> list[tuple[int, Any]]:
+    """Deterministic order: by pass rank, then by position in the spec."""
+    registry = load_passes()
+    indexed = list(enumerate(statements))
+    return sorted(indexed, key=lambda item: (registry[item[1].method].rank
+                                             if item[1].method in registry else 100, item[0]))
+
+
+class PassManager:
+    def __init__(self, ctx: CompileContext):
+        self.ctx = ctx
+        self.done: list[str] = []
+        self.modified = False
+
+    def run(self) -> GraphModule:
+        registry = load_passes()
+        spec = self.ctx.spec
+        for index, statement in order(spec.statements):
+            if statement.method not in registry:
+                raise SpecError.at(statement.span, f"'{statement.method}' is not supported yet: "
+                                   "it parses and validates, but no pass compiles it in this version",
+                                   spec.source)
+        ordered = order(spec.statements)
+        last = {statement.method: position for position, (_, statement) in enumerate(ordered)}
+        for position, (index, statement) in enumerate(ordered):
+            pass_ = registry[statement.method]()
+            span = statement.span
+            where = f"{span.filename or '<spec>'}:{span.line}:{span.column}"
+            self._step(statement.method, where, lambda: pass_.run(self.ctx, statement, index))
+            self.done.append(statement.method)
+            finish = getattr(pass_, "finish", None)
+            if finish is not None and last[statement.method] == position:
+                self._step(statement.method, "finish", lambda: finish(self.ctx))
+        if self.modified:       # no pass runs the graph module, so its code is generated once
+            self.ctx.gm.recompile()
+        return self.ctx.gm
+
+    def _step(self, method: str, where: str, step) -> None:
+        """Run one step (a statement's pass, or a pass's finish): lint, time, report failures."""
+        start = time.perf_counter()
+        try:
+            result = step()
+            self.ctx.gm = result.graph_module
+            if result.modified:
+                self.ctx.gm.graph.lint()
+                self.modified = True
+        except (SpecError, PeftcError):
+            raise
+        except Exception as exc:
+            raise PassError(f"error in pass '{method}' ({where}) after "
+                            f"[{', '.join(self.done)}]: {type(exc).__name__}: {exc}") from exc
+        self.ctx.timings[f"{method}@{where}"] = time.perf_counter() - start

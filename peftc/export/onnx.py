@@ -1,0 +1,360 @@
+"""Export to ONNX with dynamic batch and sequence axes, check it, run it in ONNX Runtime, compare."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import io
+import logging
+import operator
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from peftc.graph.capture import deepcopy_quietly, dynamic_shapes, example_inputs, max_positions
+from peftc.errors import ExportError
+from peftc.fsutil import atomic_path
+from peftc.quant.ops import onnx_blockers, translation_table
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    max_abs_diff: float | None
+    op_counts: Counter
+    provider: str | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    size_bytes: int = 0
+    #: the largest |output| torch gave on the verification inputs, to read the difference against
+    reference_absmax: float | None = None
+    #: "direct" (the captured graph translated node by node) or "decomposed" (torch.onnx's full route)
+    route: str = ""
+
+    def __str__(self) -> str:
+        diff = "not verified" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
+        if self.max_abs_diff is not None and self.reference_absmax:
+            diff += f" (outputs up to {self.reference_absmax:.3g} in magnitude)"
+        return (f"wrote {self.path} ({self.size_bytes / 2**20:.1f} MiB, {sum(self.op_counts.values())} nodes); "
+                f"ONNX Runtime ({self.provider}) vs torch max abs diff: {diff}")
+
+
+def providers() -> list[str]:
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def onnx_op_counts(path: str | Path) -> Counter:
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def _verify_inputs(module) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab = getattr(getattr(module, "config", None), "vocab_size", 32) or 32
+    ids, mask = example_inputs(batch=3, seq=11, vocab=min(vocab, 1000), seed=1)
+    mask[0, :3] = 0          # a padded row, so the mask path is exercised too
+    return ids, mask
+
+
+def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = True,
+                external_data: bool | None = None,
+                postprocess: Callable[[Path], None] | None = None,
+                check: Callable[[ExportResult], str | None] | None = None) -> ExportResult:
+    """Export ``module`` (a CompiledModel, merged or not, or any module taking input_ids and
+    attention_mask) to ``path``. Runs onnx.checker and, with ``verify``, ONNX Runtime against torch.
+    ``postprocess`` may rewrite the written file (weights kept inside it) before it is checked;
+    ``check(result)`` may refuse a verified result by returning the reason (a tolerance, say).
+
+    The file is written, checked and verified under a temporary name beside ``path`` (its external data,
+    if any, under a temporary name too, which the temporary model names) and only a file that passed is
+    renamed to ``path``; a failure leaves whatever was at ``path`` (and ``path.data``) as it was, and the
+    :class:`ExportError` says so. With external data, the verified data file is renamed to ``NAME.data``
+    just before the model to ``NAME``, so between those two renames the pair is briefly mismatched."""
+    import onnx
+    path = Path(path)
+    module = tensor_output(module)
+    config = getattr(module, "config", None)
+    ids, mask = example_inputs(vocab=min(getattr(config, "vocab_size", 32) or 32, 32))
+    seconds: dict[str, float] = {}
+    graph_module = getattr(module, "graph_module", None)
+    blockers = onnx_blockers(graph_module) if graph_module is not None else []
+    if blockers:
+        raise ExportError(f"cannot export {path}: {blockers[0]}" + (f" (and {len(blockers) - 1} more)"
+                                                                     if len(blockers) > 1 else ""))
+    was_training = module.training
+    module.eval()
+    try:
+        start = time.perf_counter()
+        ep = _reuse_capture(module)
+        if ep is None:
+            with torch.no_grad():
+                ep = _capture(module, ids, mask, dynamic_shapes(_max_sequence(module, config)))
+            seconds["capture"] = time.perf_counter() - start
+        else:
+            seconds["reuse_capture"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with quiet():
+            program, route = _convert(ep, (ids, mask))
+        seconds["convert"] = time.perf_counter() - start
+    except Exception as exc:
+        raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
+    finally:
+        module.train(was_training)
+    start = time.perf_counter()
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    use_external = size > 1 << 30 if external_data is None else external_data
+    data_name = path.name + ".data"
+    if postprocess is not None and use_external:
+        raise ExportError(f"{path}: rewriting a model whose weights are in an external file is not supported")
+    existed = path.exists()
+
+    def refused(reason: str) -> ExportError:
+        kept = f"the previous {path} was left as it was" if existed else f"nothing was written to {path}"
+        return ExportError(f"{path}: {reason}; {kept}")
+    with atomic_path(path) as tmp:
+        tmp_data = tmp.with_name(tmp.name + ".data")      # where the exporter puts tmp's external data
+        try:
+            program.save(str(tmp), external_data=use_external)
+            if postprocess is not None:
+                postprocess(tmp)
+            onnx.checker.check_model(str(tmp))
+            seconds["save"] = time.perf_counter() - start
+            total = tmp.stat().st_size + (tmp_data.stat().st_size if use_external else 0)
+            result = ExportResult(path=path, max_abs_diff=None, op_counts=onnx_op_counts(tmp), provider=None,
+                                  seconds=seconds, size_bytes=total, route=route)
+            if verify:
+                start = time.perf_counter()
+                try:
+                    result.max_abs_diff, result.provider, result.reference_absmax = verify_onnx(module, tmp)
+                except Exception as exc:
+                    message = str(exc).replace(str(tmp), str(path))
+                    raise refused(f"the ONNX Runtime check failed ({message})") from exc
+                seconds["verify"] = time.perf_counter() - start
+                reason = check(result) if check is not None else None
+                if reason:
+                    raise refused(f"the ONNX Runtime check failed: {reason}")
+            if use_external:
+                _rename_external(tmp, tmp_data, path.parent / data_name, data_name)
+        finally:
+            tmp_data.unlink(missing_ok=True)
+    return result
+
+
+class TensorOutput(torch.nn.Module):
+    """A transformers model as the export and its verification call it: ``(input_ids, attention_mask) ->``
+    logits (or an encoder's last hidden state), with the KV cache off: a ``DynamicCache`` in the output is
+    not something torch.export or ONNX can return."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.training = model.training
+        self.cache_off = "use_cache" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs = {"use_cache": False} if self.cache_off else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        for name in ("logits", "last_hidden_state"):
+            if getattr(out, name, None) is not None:
+                return getattr(out, name)
+        return out[0]
+
+
+def tensor_output(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``, or a transformers model wrapped in :class:`TensorOutput`."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return module
+    return TensorOutput(module) if isinstance(module, PreTrainedModel) else module
+
+
+def _max_sequence(module, config) -> int:
+    """The longest input: the model's positions, less those a soft prompt takes (a record's ``positions``)."""
+    limit = max_positions(config) if config else 8192
+    return limit - sum(getattr(r, "positions", 0) for r in getattr(module, "records", ()))
+
+
+def _reuse_capture(module) -> torch.export.ExportedProgram | None:
+    """The program torch.export gave when ``module`` was compiled, with ``module``'s weights, when its graph
+    is still exactly the captured one (every adapter folded by merge); else None."""
+    base = getattr(module, "base_program", None)
+    gm = getattr(module, "graph_module", None)
+    if base is None or gm is None or gm.code != base.code:
+        return None
+    program = base.program
+
+    def current(tables: dict) -> dict | None:
+        out = {}
+        for name, old in tables.items():
+            if not isinstance(old, torch.Tensor):
+                out[name] = old
+                continue
+            try:
+                new = operator.attrgetter(name)(gm)
+            except AttributeError:
+                return None
+            if not isinstance(new, torch.Tensor) or new.shape != old.shape or new.dtype != old.dtype:
+                return None
+            out[name] = new
+        return out
+    state, constants = current(program.state_dict), current(program.constants)
+    if state is None or constants is None:
+        return None
+    # the conversion rewrites the graph in place: the program keeps its own
+    root, signature, calls = deepcopy_quietly((program.graph_module, program.graph_signature,
+                                               program.module_call_graph))
+    return torch.export.ExportedProgram(
+        root=root, graph=root.graph, graph_signature=signature, state_dict=state,
+        range_constraints=program.range_constraints, module_call_graph=calls, constants=constants,
+        verifiers=program.verifiers)
+
+
+def _capture(module, ids, mask, shapes):
+    """torch.export with dynamic batch and sequence. A soft prompt makes the inner length ``sequence + P``,
+    on which torch's symbolic shapes cannot prove some stride guards (min(16·(s+3), 32·(s+3)) = 16·(s+3),
+    from a grouped-query ``repeat_kv``); such a capture is retried with those guards as runtime asserts."""
+    try:
+        return torch.export.export(module, (ids, mask), strict=False, dynamic_shapes=shapes)
+    except torch._dynamo.exc.UserError as exc:
+        if "Constraints violated" not in str(exc):
+            raise
+        return torch.export.export(module, (ids, mask), strict=False, dynamic_shapes=shapes,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+
+
+INPUT_NAMES = ["input_ids", "attention_mask"]
+OUTPUT_NAMES = ["output"]
+
+
+@functools.lru_cache(maxsize=1)
+def _registry():
+    """torch.onnx's aten → ONNX function registry with peftc's quantized ops, and the ops it implements."""
+    from torch.onnx._internal.exporter import _decomp, _registration
+    registry = _registration.ONNXRegistry.from_torchlib()
+    for op, function in translation_table().items():
+        registry.register_op(op, function, is_complex=False)
+    return registry, frozenset(_decomp.get_onnx_implemented_overloads(registry))
+
+
+def _convert(ep: torch.export.ExportedProgram, args: tuple) -> tuple[object, str]:
+    """ONNX from a captured program. ``torch.onnx.export`` first re-traces the whole graph to decompose it
+    (14 s of a 43 s export of SmolLM2) and then runs onnxscript's pattern rewriter (19 s), neither of which
+    changes what ONNX Runtime runs: ORT folds and fuses the graph itself when it loads it. So the few
+    captured ops torch's ONNX functions do not cover are lowered here by hand (:func:`_lower`), the graph
+    is translated node by node, and only constants are folded. A graph with any other uncovered op takes
+    torch.onnx's full route."""
+    import onnxscript.optimizer
+    from torch.onnx._internal.exporter import _core, _fx_passes, _ir_passes
+    registry, implemented = _registry()
+    _lower(ep.graph_module.graph)
+    gm = ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)
+    route = "decomposed" if _uncovered(gm, implemented) else "direct"
+    if route == "decomposed":
+        program = torch.onnx.export(ep, args, dynamo=True, optimize=False, input_names=INPUT_NAMES,
+                                    output_names=OUTPUT_NAMES, custom_translation_table=translation_table())
+    else:
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            _fx_passes.insert_type_promotion_nodes(gm)
+        program = _core._exported_program_to_onnx_program(ep, registry=registry)
+        _ir_passes.rename_inputs(program.model, INPUT_NAMES)
+        _ir_passes.rename_outputs(program.model, OUTPUT_NAMES)
+    onnxscript.optimizer.fold_constants(program.model)
+    onnxscript.optimizer.remove_unused_nodes(program.model)
+    return program, route
+
+
+def _uncovered(gm, implemented) -> set[str]:
+    """The call targets in ``gm`` that no registered ONNX function implements, or that write to their
+    inputs (ONNX values are immutable; the full route functionalises those)."""
+    import operator
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem
+            and (n.target not in implemented or getattr(getattr(n.target, "_schema", None), "is_mutable", False))}
+
+
+def _lower(graph: torch.fx.Graph) -> None:
+    """Replace the captured ops torch's ONNX functions do not implement by ones they do: dtype/device
+    conversions become ``_to_copy`` to the dtype (or nothing), ``alias`` nothing, ``new_ones`` ``ones``,
+    ``&`` on tensors ``bitwise_and``. Values (``meta['val']``) are unchanged, so nothing downstream moves."""
+    aten = torch.ops.aten
+    conversions = (aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other, aten.alias.default)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target in conversions:
+            source, val = node.args[0], node.meta.get("val")
+            if not isinstance(val, torch.Tensor) or not isinstance(source.meta.get("val"), torch.Tensor):
+                continue
+            if source.meta["val"].dtype == val.dtype:
+                node.replace_all_uses_with(source)
+                graph.erase_node(node)
+                continue
+            _replace(graph, node, aten._to_copy.default, (source,), {"dtype": val.dtype})
+        elif target is aten.new_ones.default and isinstance(node.meta.get("val"), torch.Tensor):
+            _replace(graph, node, aten.ones.default, (node.args[1],), {"dtype": node.meta["val"].dtype})
+        elif target is aten.__and__.Tensor:
+            node.target = aten.bitwise_and.Tensor
+
+
+def _replace(graph: torch.fx.Graph, node, target, args, kwargs) -> None:
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args, kwargs)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _rename_external(model_path: Path, produced: Path, final: Path, data_name: str) -> None:
+    """Point the model's external-data entries at ``data_name`` and move the (verified) data file into
+    place; the model file itself is renamed into place by the caller right after."""
+    import onnx
+    model = onnx.load(str(model_path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    onnx.save(model, str(model_path))
+    produced.replace(final)
+
+
+def verify_onnx(module: torch.nn.Module, path: str | Path) -> tuple[float, str, float]:
+    """Max abs difference between ONNX Runtime and torch on inputs of a shape not used in capture,
+    over the positions the attention mask keeps; the provider used; torch's largest |output| there."""
+    import onnxruntime as ort
+    ids, mask = _verify_inputs(module)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        expected = module(ids, mask).float().numpy()
+    module.train(was_training)
+    chosen = providers()
+    session = ort.InferenceSession(str(path), providers=chosen)
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ExportError(f"{path}: ONNX Runtime output shape {got.shape} != torch {expected.shape}")
+    real = mask.numpy().astype(bool)        # padded positions attend to nothing: their output is undefined
+    return (float(np.abs(got - expected)[real].max()), session.get_providers()[0],
+            float(np.abs(expected[real]).max()))
+
+
+@contextlib.contextmanager
+def quiet():
+    """torch.onnx prints progress lines and registration warnings; keep the user's terminal for ours."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

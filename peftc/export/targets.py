@@ -1,0 +1,112 @@
+"""Export targets for a merged model, each verified in ONNX Runtime against its own torch model:
+
+- ``fp32``: the merged weights (LoRA folded onto dequant(W) for a quantized base);
+- ``fp16``: the same with every large weight stored in float16 (half the file; computed in float32);
+- ``nf4``: the merged weights re-quantized to NF4 (bitsandbytes layout), run by ``com.microsoft.MatMulBnb4``;
+- ``int4``: re-quantized to blockwise int4 with zero points, run by ``com.microsoft.MatMulNBits``.
+
+The re-quantized targets re-quantize the linears the spec's ``quant`` statements quantized (with their
+``block`` and ``double_quant``), or every linear but the output head when the spec has none. Besides the
+ONNX Runtime check, each target reports how far its logits move from the float32 merged model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftc.graph.analysis import LinearSite
+from peftc.graph.capture import deepcopy_quietly
+from peftc.errors import ExportError
+from peftc.export.onnx import ExportResult, _verify_inputs, export_onnx
+from peftc.export.fp16 import MIN_ELEMENTS, weights_to_fp16
+from peftc.quant.ops import MATMULBNB4_BLOCKS
+from peftc.quant.rewrite import QuantizedWeight, float_weight, quantize_site, quantize_weight
+
+TARGETS = ("fp32", "fp16", "nf4", "int4")
+DEFAULT_BLOCK = 64
+
+
+@dataclass
+class TargetResult:
+    target: str
+    export: ExportResult
+    vs_merged: float                 # max |logits - merged fp32 logits| over the verification inputs
+    merged_absmax: float             # the largest |logit| of the merged model there
+    quantized: int = 0               # linears re-quantized
+    bits_per_weight: float | None = None
+
+    def __str__(self) -> str:
+        lines = [str(self.export)]
+        what = {"fp32": "the merged model itself", "fp16": "float16 weights",
+                "nf4": f"NF4 re-quantization of {self.quantized} linears",
+                "int4": f"int4 re-quantization of {self.quantized} linears"}[self.target]
+        bits = f", {self.bits_per_weight:.3f} bits per quantized weight" if self.bits_per_weight else ""
+        lines.append(f"{self.target} logits vs the float32 merged model: max abs diff {self.vs_merged:.3g} "
+                     f"(logits up to {self.merged_absmax:.3g}; {what}{bits})")
+        return "\n".join(lines)
+
+
+def requantize_plan(merged) -> list[tuple[LinearSite, int, bool]]:
+    """(site, block, double_quant) for each linear the target re-quantizes."""
+    plan = []
+    for record in getattr(merged, "folded", []):
+        if record.method == "quant":
+            options = merged.spec.statements[record.statement].options
+            plan.append((record.site, options["block"], options["double_quant"]))
+    if plan:
+        return plan
+    return [(site, DEFAULT_BLOCK, True) for site in merged.sites.linears if site.role != "head"]
+
+
+def _copy_model(merged, gm):
+    from peftc.compiler.compiled import CompiledModel
+    return CompiledModel(gm, spec=merged.spec, sites=merged.sites, records=[], kind=merged.kind,
+                         config=merged.config, model_ref=merged.model_ref)
+
+
+def target_model(merged, target: str, *, block: int | None = None):
+    """The torch model a target's ONNX file computes: the reference its ONNX Runtime output is checked against."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown export target '{target}'; targets: {', '.join(TARGETS)}")
+    if target == "fp32":
+        return merged
+    gm = deepcopy_quietly(merged.graph_module)
+    if target == "fp16":
+        with torch.no_grad():
+            for param in gm.parameters():
+                if param.dtype == torch.float32 and param.numel() >= MIN_ELEMENTS:
+                    param.copy_(param.half().float())
+        return _copy_model(merged, gm)
+    for i, (site, site_block, double_quant) in enumerate(requantize_plan(merged)):
+        chosen = block or site_block
+        if target == "nf4" and chosen not in MATMULBNB4_BLOCKS:
+            raise ExportError(f"block={chosen}: ONNX Runtime's MatMulBnb4 takes NF4 blocks of "
+                              f"{', '.join(map(str, MATMULBNB4_BLOCKS))} values; choose one of these")
+        stored = quantize_weight(float_weight(gm, site), target, block_size=chosen, double_quant=double_quant)
+        quantize_site(gm, site, f"peftc_{target}_{i}", stored)
+    gm.graph.lint()
+    gm.recompile()
+    return _copy_model(merged, gm)
+
+
+def _logits(model, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        return model(ids, mask).float().numpy()
+
+
+def export_target(merged, path: str | Path, target: str = "fp32", *, block: int | None = None,
+                  check=None) -> TargetResult:
+    """Build the target's model, export it to ``path`` and verify it in ONNX Runtime. As with
+    :func:`peftc.export.onnx.export_onnx` (``check`` is its), ``path`` only ever receives a file that passed
+    the ONNX Runtime check; a failure leaves the previous one."""
+    model = target_model(merged, target, block=block)
+    result = export_onnx(model, path, postprocess=weights_to_fp16 if target == "fp16" else None, check=check)
+    ids, mask = _verify_inputs(merged)
+    real = mask.numpy().astype(bool)
+    reference = _logits(merged, ids, mask)
+    moved = 0.0 if model is merged else float(np.abs(_logits(model, ids, mask) - reference)[real].max())
+    quantized = [m for m in model.graph_module.modules() if isinstance(m, QuantizedWeight)]
+    bits = (8 * sum(m.nbytes for m in quantized) / sum(m.numel for m in quantized)) if quantized else None
+    return TargetResult(target, result, moved, float(np.abs(reference[real]).max()), len(quantized), bits)

@@ -1,0 +1,317 @@
+"""``lora``: y = W x + s · B(A(dropout(x))), s = alpha/r (alpha/sqrt(r) with rslora), B zero-initialised.
+
+Inserted as aten ops after each selected linear; the A and B matrices live in a small module
+``peftc_lora_<i>`` on the graph module. On a fused projection (GPT-2's c_attn, Phi-3's qkv_proj), role
+words adapt only their output slices: each role gets its own rank-r LoRA, which together are one LoRA
+on the module with a block-diagonal B (how HF PEFT's files hold it). Several LoRAs on one linear chain
+their sums. After the last lora statement, the A projections of sites that read the same input (q, k and
+v; gate and up) become one matmul (``fuse_shared_inputs``). ``fold`` merges s·B·A into the base weight and
+removes the branch."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc.graph.analysis import LinearSite, input_of, weight_of
+from peftc.lang.diagnostics import SpecError, check_allocation
+from peftc.errors import PassError
+from peftc.graph.rewrite import remove_branch, set_weight
+from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
+from peftc.graph.targets import Selection, select
+
+aten = torch.ops.aten
+
+#: compute the A projections of LoRA sites with a shared input as one matmul; off, each site has its own
+FUSE_SHARED_INPUTS = True
+
+
+class LoraWeights(nn.Module):
+    """The low-rank factors of one LoRA site. A whole linear has A: r×in and B: out×r, as in HF PEFT.
+    Slices of a fused projection (roles 1..n) have one rank-r LoRA each, stored stacked: A is (n·r)×in
+    and B is (Σ out_i)×r; ``perm`` places the block-diagonal B_full = diag(B_1..B_n) on the right rows."""
+
+    def __init__(self, in_features: int, out_features: int, blocks: list[tuple[str, tuple[int, ...]]],
+                 r: int, init: str):
+        super().__init__()
+        rows = sum(len(features) for _, features in blocks)
+        self.lora_A = nn.Parameter(torch.empty(r * len(blocks), in_features))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r))
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / r)
+        else:  # HF PEFT's default: kaiming-uniform A, zero B
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "random":  # HF PEFT's init_lora_weights=False: B as well keeps nn.Linear's init
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        if blocks[0][0]:   # slices of a fused projection
+            perm = torch.full((out_features,), rows, dtype=torch.long)   # row `rows` is all zeros
+            offset = 0
+            for _, features in blocks:
+                perm[list(features)] = torch.arange(offset, offset + len(features))
+                offset += len(features)
+            self.register_buffer("perm", perm)
+
+
+def full_b(b: torch.Tensor, perm: torch.Tensor, sizes: list[int], r: int, ops=None):
+    """B_full (out × n·r) from the stacked per-role B ((Σ out_i) × r): block-diagonal, rows placed by
+    ``perm``. ``ops`` emits the same computation as graph nodes (see ``_GraphOps``)."""
+    ops = ops or _EagerOps()
+    n, pieces, offset = len(sizes), [], 0
+    for i, size in enumerate(sizes):
+        block = ops.slice(b, offset, offset + size)
+        pieces.append(ops.pad(block, [i * r, (n - 1 - i) * r]))
+        offset += size
+    stacked = ops.pad(ops.cat(pieces), [0, 0, 0, 1])             # one zero row for unadapted features
+    return ops.index_select(stacked, perm)
+
+
+class _EagerOps:
+    def slice(self, x, start, stop):
+        return x[start:stop]
+
+    def pad(self, x, pad):
+        return torch.nn.functional.pad(x, pad)
+
+    def cat(self, xs):
+        return torch.cat(xs, 0)
+
+    def index_select(self, x, index):
+        return x.index_select(0, index)
+
+
+class _GraphOps:
+    def __init__(self, graph, emitted: list):
+        self.graph, self.emitted = graph, emitted
+
+    def _call(self, target, args):
+        node = self.graph.call_function(target, args)
+        self.emitted.append(node)
+        return node
+
+    def slice(self, x, start, stop):
+        return self._call(aten.slice.Tensor, (x, 0, start, stop))
+
+    def pad(self, x, pad):
+        return self._call(aten.constant_pad_nd.default, (x, pad, 0.0))
+
+    def cat(self, xs):
+        return self._call(aten.cat.default, (xs, 0))
+
+    def index_select(self, x, index):
+        return self._call(aten.index_select.default, (x, 0, index))
+
+
+@dataclass
+class LoraRecord:
+    statement: int
+    site: LinearSite
+    module: str                 # attribute name of the LoraWeights on the graph module
+    r: int
+    alpha: float
+    dropout: float
+    rslora: bool
+    init: str = "zero"
+    roles: tuple[str, ...] | None = None              # slices of a fused projection; None: the whole linear
+    blocks: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)   # inserted nodes, in graph order; the last is the sum
+    method: str = "lora"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    @property
+    def key(self) -> str:
+        """The site's name in ``adapter_parameters()``: the module path, with the roles for slices."""
+        return self.site.path if self.roles is None else f"{self.site.path}[{','.join(self.roles)}]"
+
+    @property
+    def down(self) -> str:
+        """The node of the A projection (fourth from the end): ``linear(x, A)``, or a slice of a fused one."""
+        return self.nodes[-4]
+
+    @property
+    def hf_rank(self) -> int:
+        """The rank of this LoRA as one dense LoRA on the module (what HF PEFT's files hold)."""
+        return self.r * len(self.blocks)
+
+    def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
+        weights = gm.get_submodule(self.module)
+        return {"lora_A": weights.lora_A, "lora_B": weights.lora_B}
+
+    def factors(self, gm: GraphModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B_full) of the equivalent dense LoRA on the whole module: delta W = scale · B_full · A."""
+        weights = gm.get_submodule(self.module)
+        a, b = weights.lora_A.detach(), weights.lora_B.detach()
+        if self.roles is None:
+            return a, b
+        return a, full_b(b, weights.perm, [len(f) for _, f in self.blocks], self.r)
+
+    def load_factors(self, gm: GraphModule, a: torch.Tensor, b_full: torch.Tensor) -> None:
+        """Set the weights from a dense (A, B_full); B_full must be zero outside this LoRA's blocks."""
+        weights = gm.get_submodule(self.module)
+        if self.roles is None:
+            stacked = b_full
+        else:
+            rows = [b_full[list(f), i * self.r:(i + 1) * self.r] for i, (_, f) in enumerate(self.blocks)]
+            stacked = torch.cat(rows, 0)
+            rebuilt = full_b(stacked, weights.perm, [len(f) for _, f in self.blocks], self.r)
+            if not torch.equal(rebuilt, b_full):
+                raise PassError(f"the LoRA B of {self.site.path} is non-zero outside the "
+                                f"{', '.join(self.roles)} slices this spec adapts")
+        with torch.no_grad():
+            weights.lora_A.copy_(a.to(weights.lora_A.dtype))
+            weights.lora_B.copy_(stacked.to(weights.lora_B.dtype))
+
+    def delta(self, gm: GraphModule) -> torch.Tensor:
+        """scale · B_full · A, shaped like the module's weight (in×out for a Conv1D)."""
+        a, b = self.factors(gm)
+        delta = self.scale * (b @ a)
+        return delta.T if self.site.kind == "conv1d" else delta
+
+
+@register
+class LoraPass(Pass):
+    keyword = "lora"
+    rank = 60
+
+    def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
+        opts = statement.options
+        selections = select(statement, ctx.sites, ctx.spec)
+        _check_overlap(ctx, statement, selections)
+        r = opts["r"]     # A is (r · slices) × in, B is (adapted outputs) × r
+        check_allocation(statement, ctx.spec.source, sum(
+            r * len(s.features()) * s.site.in_features + r * sum(len(f) for _, f in s.features())
+            for s in selections), f"on {len(selections)} linear{'s' if len(selections) > 1 else ''}",
+            "lower r")
+        graph = ctx.gm.graph
+        nodes = {n.name: n for n in graph.nodes}
+        for selection in selections:
+            site = selection.site
+            linear = nodes[site.node]
+            x = input_of(linear, site.kind)
+            record = LoraRecord(statement=index, site=site, module=f"peftc_lora_{_count(ctx)}",
+                                r=opts["r"], alpha=float(opts["alpha"]), dropout=float(opts["dropout"]),
+                                rslora=bool(opts["rslora"]), init=opts["init"], roles=selection.roles,
+                                blocks=selection.features())
+            ctx.add_module(record.module, LoraWeights(site.in_features, site.out_features, record.blocks,
+                                                      record.r, opts["init"]))
+            tip = ctx.output_of(site.node)
+            with graph.inserting_before(tip.next):
+                a = graph.get_attr(f"{record.module}.lora_A")
+                b = graph.get_attr(f"{record.module}.lora_B")
+                inserted = [a, b]
+                if record.roles is not None:
+                    perm = graph.get_attr(f"{record.module}.perm")
+                    inserted.append(perm)
+                    b = full_b(b, perm, [len(f) for _, f in record.blocks], record.r,
+                               ops=_GraphOps(graph, inserted))
+                h = x
+                if record.dropout > 0:
+                    h = graph.call_function(aten.dropout.default, (x, record.dropout, False))
+                    inserted.append(h)
+                down = graph.call_function(aten.linear.default, (h, a))
+                up = graph.call_function(aten.linear.default, (down, b))
+                scaled = graph.call_function(aten.mul.Tensor, (up, record.scale))
+                total = graph.call_function(aten.add.Tensor, (tip, scaled))
+                inserted += [down, up, scaled, total]
+            ctx.replace_output(site.node, total)
+            for node in inserted:
+                ctx.tag(node, self.keyword, statement, index)
+            record.nodes = [n.name for n in inserted]
+            nodes.update({n.name: n for n in inserted})
+            ctx.records.append(record)
+        return PassResult(ctx.gm, modified=True)
+
+    @staticmethod
+    def finish(ctx: CompileContext) -> PassResult:
+        """After the last lora statement: one matmul for the A projections of sites sharing an input."""
+        return fuse_shared_inputs(ctx)
+
+    @staticmethod
+    def fold(gm: GraphModule, record: LoraRecord) -> None:
+        """Merge one LoRA site into its base weight and remove the branch from ``gm``."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        if nodes[record.down].target is aten.slice.Tensor:
+            unfuse(gm, nodes[record.down])
+        linear = nodes[record.site.node]
+        delta = record.delta(gm)
+        if not torch.isfinite(delta).all():
+            raise PassError(f"LoRA weights of {record.key} contain NaN or inf; refusing to merge")
+        weight = gm.get_parameter(weight_of(linear, record.site.kind)[1].target).detach()
+        set_weight(gm, linear, record.site.kind, weight + delta, f"{record.module}_merged_weight")
+        remove_branch(gm, record)
+
+
+def fuse_shared_inputs(ctx: CompileContext) -> PassResult:
+    """Compute the A projections of LoRA sites that read the same input node as one matmul: the sites'
+    ``lora_A`` (each stays its own parameter) are concatenated, multiplied with the input once, and each
+    site's A projection becomes its slice of the result. Only where that is exact: no dropout, and A
+    weights of one dtype and device. Tagged with the first site's statement."""
+    if not FUSE_SHARED_INPUTS:
+        return PassResult(ctx.gm, modified=False)
+    graph = ctx.gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    groups: dict[tuple, list[LoraRecord]] = {}
+    for record in ctx.records:
+        if record.method == "lora" and record.dropout == 0:
+            a = ctx.gm.get_submodule(record.module).lora_A
+            groups.setdefault((nodes[record.down].args[0], a.dtype, a.device), []).append(record)
+    fused_any = False
+    for (x, _, _), records in groups.items():
+        if len(records) < 2:
+            continue
+        records.sort(key=lambda r: position[nodes[r.down]])
+        first = nodes[records[0].down]
+        weights = [nodes[r.down].args[1] for r in records]
+        for weight in weights:              # the get_attr nodes of the A weights move before the fused matmul
+            first.prepend(weight)
+        with graph.inserting_before(first):
+            cat = graph.call_function(aten.cat.default, (weights, 0))
+            fused = graph.call_function(aten.linear.default, (x, cat))
+        for node in (cat, fused):
+            ctx.tag(node, LoraPass.keyword, ctx.spec.statements[records[0].statement], records[0].statement)
+        offset = 0
+        for record in records:
+            down = nodes[record.down]
+            rows = ctx.gm.get_submodule(record.module).lora_A.shape[0]
+            with graph.inserting_before(down):
+                piece = graph.call_function(aten.slice.Tensor, (fused, -1, offset, offset + rows))
+            ctx.tag(piece, LoraPass.keyword, ctx.spec.statements[record.statement], record.statement)
+            down.replace_all_uses_with(piece)
+            graph.erase_node(down)
+            record.nodes[-4] = piece.name
+            offset += rows
+        fused_any = True
+    return PassResult(ctx.gm, modified=fused_any)
+
+
+def unfuse(gm: GraphModule, piece) -> None:
+    """Undo ``fuse_shared_inputs`` for the fused matmul that ``piece`` slices: each slice node becomes its
+    site's own ``linear(x, A)`` again, under its name (merge folds a copy of the graph with the compiled
+    model's records, which must keep naming the nodes of both)."""
+    fused = piece.args[0]
+    x, cat = fused.args
+    for weight, user in zip(cat.args[0], sorted(fused.users, key=lambda n: n.args[2])):
+        user.target, user.args = aten.linear.default, (x, weight)
+    gm.graph.erase_node(fused)
+    gm.graph.erase_node(cat)
+
+
+def _count(ctx: CompileContext) -> int:
+    return sum(1 for r in ctx.records if r.method == "lora")
+
+
+def _check_overlap(ctx: CompileContext, statement, selections: list[Selection]) -> None:
+    taken = [r for r in ctx.records if r.method == "lora"]
+    for selection in selections:
+        for record in taken:
+            if selection.overlaps(Selection(record.site, record.roles)):
+                first = ctx.spec.statements[record.statement]
+                raise SpecError.at(statement.span, f"this lora statement adapts {selection} again; "
+                                   f"line {first.span.line} (column {first.span.column}) already does",
+                                   ctx.spec.source)

@@ -1,0 +1,191 @@
+"""``prompt tokens=P [init="text"]``: a learned soft prompt of P embeddings before the input (prompt tuning).
+
+HF PEFT runs the model on ``[prompt; embed(input_ids)]`` with the mask ``[1…1, attention_mask]``, so
+every length-dependent part of the model (position ids, the causal and padding masks, reshapes) sees
+P + T positions. The pass gets the same by rewriting the graph's inputs rather than each of those parts:
+
+- ``input_ids`` and ``attention_mask`` are padded on the left with P positions (token 0, mask 1) for every
+  node that reads them, so all shapes and positions computed from them have P + T entries;
+- the token embedding's output has its first P rows replaced by the learned prompt;
+- the output drops the first P positions, so the compiled model keeps the contract
+  ``(input_ids, attention_mask) -> logits`` (or the last hidden state) of the original length.
+
+``init="text"`` starts the prompt from the embeddings of that text's tokens (HF PEFT's
+``prompt_tuning_init="TEXT"``: the tokenizer's ids, repeated or cut to P); the default is N(0, 1), like
+HF PEFT's ``RANDOM``. The prompt is never folded: it stays a graph op in the merged model and the export."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from peftc.lang.diagnostics import SpecError, check_allocation
+from peftc.errors import ModelError
+from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
+
+aten = torch.ops.aten
+END = 2 ** 62   # "to the end" for aten.slice
+
+
+class PromptWeights(nn.Module):
+    def __init__(self, tokens: int, dim: int, init: torch.Tensor | None = None):
+        super().__init__()
+        self.embedding = nn.Parameter(init.clone() if init is not None else torch.randn(tokens, dim))
+
+
+@dataclass
+class PromptSite:
+    path: str                    # module path of the token embedding the prompt is prepended to
+    layer: None = None
+
+
+@dataclass
+class PromptRecord:
+    statement: int
+    site: PromptSite
+    module: str
+    tokens: int
+    dim: int
+    init_text: str | None = None
+    nodes: list[str] = field(default_factory=list)
+    method: str = "prompt"
+    foldable: bool = False
+
+    @property
+    def positions(self) -> int:
+        """Positions the prompt takes from the model's maximum sequence length."""
+        return self.tokens
+
+    @property
+    def key(self) -> str:
+        return "prompt_encoder"
+
+    def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
+        return {"embedding": gm.get_submodule(self.module).embedding}
+
+
+def text_token_ids(tokenizer, text: str, tokens: int) -> list[int]:
+    """HF PEFT's rule: the tokenizer's ids for ``text`` (special tokens included), repeated or cut to
+    ``tokens``."""
+    ids = list(tokenizer(text)["input_ids"])
+    if not ids:
+        raise ModelError(f"the tokenizer gives no tokens for init text {text!r}")
+    ids = ids * math.ceil(tokens / len(ids))
+    return ids[:tokens]
+
+
+@register
+class PromptPass(Pass):
+    keyword = "prompt"
+    rank = 95          # last: it pads the inputs and cuts the output
+
+    def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
+        tokens, text = statement.options["tokens"], statement.options.get("init")
+        earlier = [r for r in ctx.records if r.method == "prompt"]
+        if earlier:
+            first = ctx.spec.statements[earlier[0].statement]
+            raise SpecError.at(statement.span, f"a spec takes one prompt statement; line {first.span.line} "
+                               "already has one", ctx.spec.source)
+        gm, graph = ctx.gm, ctx.gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        embed = _token_embedding(gm, ctx.sites.embed, placeholders[0] if placeholders else None)
+        if len(placeholders) != 2 or embed is None:
+            raise SpecError.at(statement.span, "prompt needs a model whose graph looks up a token embedding "
+                               "with input_ids; this one has none", ctx.spec.source)
+        weight = gm.get_parameter(embed.args[0].target) if embed.args[0].op == "get_attr" else None
+        dim = int(weight.shape[1])
+        check_allocation(statement, ctx.spec.source, tokens * dim, f"in a {tokens:,} × {dim} soft prompt",
+                         "lower tokens")
+        init = None
+        if text is not None:
+            init = self._text_init(ctx, statement, text, tokens, weight)
+        record = PromptRecord(statement=index, site=PromptSite(ctx.sites.embed_path or "embed"),
+                              module=f"peftc_prompt_{index}", tokens=tokens, dim=dim, init_text=text)
+        ctx.add_module(record.module, PromptWeights(tokens, dim, init))
+        inserted: list[Node] = []
+
+        def emit(target, *args, **kwargs) -> Node:
+            node = graph.call_function(target, args, kwargs)
+            inserted.append(ctx.tag(node, self.keyword, statement, index))
+            return node
+
+        # 1. pad the inputs on the left: every reader but the input guard sees P + T positions
+        ids, mask = placeholders
+        with graph.inserting_before(placeholders[-1].next):
+            padded = {}
+            for node, value in ((mask, 1), (ids, 0)):
+                first = emit(aten.slice.Tensor, node, 1, 0, 1)
+                fill = emit(aten.full_like.default, first, value)
+                cols = emit(aten.expand.default, fill, [-1, tokens])
+                padded[node] = emit(aten.cat.default, [cols, node], 1)
+        for node, new in padded.items():
+            keep = set(inserted)
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in keep and u.op != "call_module")
+        # 2. the prompt replaces the embeddings of the P padding positions
+        with graph.inserting_before(embed.next):
+            prompt = graph.get_attr(f"{record.module}.embedding")
+            inserted.append(ctx.tag(prompt, self.keyword, statement, index))
+            batch = emit(aten.sym_size.int, embed, 0)
+            val = embed.meta.get("val")
+            if val is not None and val.dtype != torch.float32:
+                prompt = emit(aten._to_copy.default, prompt, dtype=val.dtype)
+            rows = emit(aten.expand.default, emit(aten.unsqueeze.default, prompt, 0), [batch, -1, -1])
+            rest = emit(aten.slice.Tensor, embed, 1, tokens, END)
+            joined = emit(aten.cat.default, [rows, rest], 1)
+        embed.replace_all_uses_with(joined, delete_user_cb=lambda u: u not in inserted)
+        # 3. the output drops the prompt's positions
+        output = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(output):
+            def drop(node: Node) -> Node:
+                return emit(aten.slice.Tensor, node, 1, tokens, END)
+            output.args = map_arg(output.args, drop)
+        record.nodes = [n.name for n in inserted]
+        ctx.records.append(record)
+        return PassResult(gm, modified=True)
+
+    @staticmethod
+    def _text_init(ctx: CompileContext, statement, text: str, tokens: int, weight: torch.Tensor):
+        from peftc.models import load_tokenizer
+        ref = ctx.model_ref
+        where = statement.option_spans.get("init", statement.span)
+        try:
+            tokenizer = load_tokenizer(ref) if ref else None
+        except ModelError as exc:
+            raise SpecError.at(where, f"init text needs the model's tokenizer: {exc}", ctx.spec.source) from exc
+        if tokenizer is None:
+            raise SpecError.at(where, f"init text needs the model's tokenizer, and '{ref or 'this model'}' "
+                               "has none (the tiny built-in models have no tokenizer); leave init out for a "
+                               "random prompt, or use a model directory with a tokenizer", ctx.spec.source)
+        ids = torch.tensor(text_token_ids(tokenizer, text, tokens))
+        if int(ids.max()) >= weight.shape[0]:
+            raise SpecError.at(where, f"the tokenizer of '{ref}' gives token id {int(ids.max())}, beyond the "
+                               f"embedding's {weight.shape[0]} rows", ctx.spec.source)
+        return weight.detach()[ids].to(torch.float32)
+
+
+def _token_embedding(gm: GraphModule, target: str | None, ids: Node | None) -> Node | None:
+    """The aten.embedding node that looks up the token embedding with the input ids."""
+    if target is None or ids is None:
+        return None
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target is aten.embedding.default
+                and node.args[0].op == "get_attr" and node.args[0].target == target
+                and _derives_from(node.args[1], ids)):
+            return node
+    return None
+
+
+def _derives_from(node, source: Node) -> bool:
+    seen, frontier = set(), [node]
+    while frontier:
+        cur = frontier.pop()
+        if cur is source:
+            return True
+        if isinstance(cur, Node) and cur not in seen and cur.op == "call_function":
+            seen.add(cur)
+            frontier.extend(cur.all_input_nodes)
+    return False

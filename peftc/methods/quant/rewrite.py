@@ -1,0 +1,113 @@
+"""``quant nf4|int8 [targets]``: store the frozen base linears quantized and compute with them (QLoRA).
+
+Each selected linear becomes one ``peftc::nf4_linear`` (or ``int8_linear``; ``_addmm`` for a GPT-2 Conv1D)
+node reading buffers of a ``peftc_quant_<i>`` module; the float weight leaves the graph module. The node
+keeps its name and the position of its input, so ``lora`` — which runs later (rank 40 < 60) — attaches
+to it unchanged and trains against the dequantized weight. The default target ``base`` is every linear
+but the output head, less the linears a ``full`` statement trains. ``fold`` (run by ``merge()`` before the
+LoRA folds) turns the node back into a float linear holding ``dequant(W)``, so LoRA is merged onto the
+weight it was trained against."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc.graph.analysis import LinearSite
+from peftc.lang.diagnostics import SpecError
+from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
+from peftc.quant.rewrite import dequantize_site, float_weight, quantize_site, quantize_weight, quantized_parts
+from peftc.graph.targets import select_linears
+
+
+@dataclass
+class QuantRecord:
+    statement: int
+    site: LinearSite
+    module: str                 # attribute name of the QuantizedWeight on the graph module
+    scheme: str
+    numel: int                  # weights quantized
+    nbytes: int                 # bytes they take quantized
+    float_bytes: int            # bytes they took before
+    nodes: list[str] = field(default_factory=list)   # the get_attr nodes of the buffers
+    method: str = "quant"
+
+    def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
+        return {}                # nothing to train: the buffers are frozen
+
+
+@register
+class QuantPass(Pass):
+    keyword = "quant"
+    rank = 40
+
+    def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
+        opts = statement.options
+        scheme = statement.leading
+        sites = [s for s in select_linears(statement, ctx.sites, ctx.spec) if s.node not in _trained_in_full(ctx)]
+        if not sites:
+            raise SpecError.at(statement.span, f"'{statement}' selects only linears a 'full' statement trains",
+                               ctx.spec.source)
+        _check_overlap(ctx, statement, sites)
+        for site in sites:
+            weight = float_weight(ctx.gm, site)
+            stored = quantize_weight(weight, scheme, block_size=opts["block"], double_quant=opts["double_quant"])
+            record = QuantRecord(statement=index, site=site, module=f"peftc_quant_{_count(ctx)}", scheme=scheme,
+                                 numel=weight.numel(), nbytes=stored.nbytes,
+                                 float_bytes=weight.numel() * weight.element_size())
+            inserted = quantize_site(ctx.gm, site, record.module, stored)
+            for node in inserted:
+                ctx.tag(node, self.keyword, statement, index)
+            record.nodes = [n.name for n in inserted]
+            ctx.records.append(record)
+        _own_storage(ctx.gm)
+        return PassResult(ctx.gm, modified=True)
+
+    @staticmethod
+    def fold(gm: GraphModule, record: QuantRecord) -> None:
+        """Put ``dequant(W)`` back as the site's float weight (what a LoRA on it trained against)."""
+        _node, _scheme, _layout, module = quantized_parts(gm, record.site)
+        dequantize_site(gm, record.site, module.dequantize(), f"{record.module}_weight")
+
+
+def _own_storage(gm: GraphModule) -> None:
+    """Give the float weights left unquantized storage of their own. A model loaded from safetensors
+    keeps its weights in one memory-mapped file, and any weight left in it (the embedding, the norms)
+    keeps the whole mapping, quantized weights included, resident. Tensors sharing storage (tied
+    weights) keep sharing it."""
+    copies: dict[int, torch.UntypedStorage] = {}
+    floats = [t for name, t in list(gm.named_parameters()) + list(gm.named_buffers())
+              if not name.startswith("peftc_quant_")]
+    with torch.no_grad():
+        for tensor in floats:
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key not in copies:
+                copies[key] = storage.clone()
+            tensor.data = torch.empty(0, dtype=tensor.dtype).set_(copies[key], tensor.storage_offset(),
+                                                                   tensor.size(), tensor.stride())
+
+
+def _count(ctx: CompileContext) -> int:
+    return sum(1 for r in ctx.records if r.method == "quant")
+
+
+def _trained_in_full(ctx: CompileContext) -> set[str]:
+    """Nodes of the linears that ``full`` statements train: ``base`` leaves them in full precision."""
+    nodes: set[str] = set()
+    for statement in ctx.spec.statements:
+        if statement.method == "full":
+            nodes |= {s.node for s in select_linears(statement, ctx.sites, ctx.spec)}
+    return nodes
+
+
+def _check_overlap(ctx: CompileContext, statement, sites: list[LinearSite]) -> None:
+    taken = {r.site.node: r for r in ctx.records if r.method == "quant"}
+    for site in sites:
+        if site.node in taken:
+            first = ctx.spec.statements[taken[site.node].statement]
+            raise SpecError.at(statement.span, f"this quant statement quantizes {site.path} again; "
+                               f"line {first.span.line} (column {first.span.column}) already does",
+                               ctx.spec.source)
