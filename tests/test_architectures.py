@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 
 import peftc
-from peftc.cli.commands import main
+from peftc.cli import main
 from conftest import randomize_adapters, token_ids
 from numerics import SAME_FUNCTION, assert_close, assert_differs
 

@@ -5,7 +5,7 @@ import pytest
 from peft import PeftModel
 
 import peftc
-from peftc.cli.commands import main
+from peftc.cli import main
 
 
 def test_check_prints_normalized_spec(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.cli.commands import main
+from peftc.cli import main
 from peftc.compiler.explain import nearest_tokens
 
 SPEC = "lora q, v r=4 layers=0..1\nia3 down\nadapter after=attn bottleneck=8\n"

@@ -17,7 +17,8 @@ import torch
 import peftc
 import peftc.fsutil
 import peftc.export.onnx
-from peftc.cli.commands import RELATIVE_TOLERANCE, main
+from peftc.cli import main
+from peftc.cli.export import RELATIVE_TOLERANCE
 from peftc.errors import ExportError
 from peftc.training.train import TrainConfig, checkpoints, staging_dir, train
 from conftest import pairs, randomize_adapters, train_config, write_jsonl

@@ -1,6 +1,6 @@
 """Bad input gets a clear error, never a traceback and never a quiet wrong answer.
 
-Each test does what a user did — runs ``peftc`` (as a subprocess, or ``peftc.cli.commands`` in-process where
+Each test does what a user did — runs ``peftc`` (as a subprocess, or ``peftc.cli.main`` in-process where
 only the message matters) or calls the API — and checks the one ``peftc: error:`` line (or the located
 spec diagnostic), exit status 1, no traceback, and that nothing was written where a file could have been."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftc
-from peftc.cli.commands import main
+from peftc.cli import main
 from peftc.lang.diagnostics import MAX_LINE, MAX_SHOWN
 
 PEFTC = Path(sys.executable).with_name("peftc")
@@ -306,7 +306,7 @@ def test_out_of_memory_from_torch_is_one_line(monkeypatch, capsys, tmp_path):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
                            "memory: you tried to allocate 10000000000000 bytes.\nException raised from "
                            "alloc_cpu at alloc_cpu.cpp:117 (most recent call first):\nframe #0: c10::...")
-    monkeypatch.setattr("peftc.cli.commands.cmd_check", allocate)
+    monkeypatch.setattr("peftc.cli.language.cmd_check", allocate)
     line = main_fails(["check", tmp_path / "s.peft"], capsys, "out of memory", "can't allocate memory")
     assert "frame #0" not in line and "Exception raised from" not in line
 
@@ -314,7 +314,7 @@ def test_out_of_memory_from_torch_is_one_line(monkeypatch, capsys, tmp_path):
 def test_the_safety_net_does_not_hide_bugs(monkeypatch, tmp_path):
     def buggy(args):
         raise KeyError("a bug in peftc")
-    monkeypatch.setattr("peftc.cli.commands.cmd_check", buggy)
+    monkeypatch.setattr("peftc.cli.language.cmd_check", buggy)
     with pytest.raises(KeyError):
         main(["check", str(tmp_path / "s.peft")])
 
@@ -378,7 +378,7 @@ def test_full_disk_while_compiling_keeps_the_earlier_run(compiled_run, tmp_path,
 def test_a_full_disk_without_a_file_name_names_the_output(monkeypatch, capsys, tmp_path):
     def full(args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr("peftc.cli.commands.cmd_export", full)
+    monkeypatch.setattr("peftc.cli.export.cmd_export", full)
     onnx = tmp_path / "m.onnx"
     main_fails(["export", tmp_path, "--onnx", onnx], capsys, f"cannot write {onnx}: No space left on device")
 

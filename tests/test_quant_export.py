@@ -4,7 +4,7 @@ import pytest
 from conftest import randomize_adapters
 
 import peftc
-from peftc.cli.commands import main
+from peftc.cli import main
 from peftc.export.targets import export_target
 from peftc.errors import ExportError
 from numerics import assert_export_close

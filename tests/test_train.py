@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.cli.commands import main
+from peftc.cli import main
 from peftc.training.data import IGNORE, ByteTokenizer, Codec, DataError, Record, collate, read_jsonl, split_eval, \
     step_indices, tokenize
 from conftest import pairs, randomize_adapters, train_config, write_jsonl

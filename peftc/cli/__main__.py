@@ -1,6 +1,6 @@
 """``python -m peftc.cli``: the same as the ``peftc`` command."""
 import sys
 
-from peftc.cli.commands import main
+from peftc.cli.app import main
 
 sys.exit(main())

@@ -38,7 +38,7 @@ def load_decoder(args):
     """(decoder, model reference, description) for ``eval``/``generate``: an ONNX file, a trained
     directory (adapter merged, KV-cache decoding when it folds), or the base model."""
     from peftc.training.generate import CachedDecoder, RecomputeDecoder, decoder_for, onnx_logits, torch_logits
-    from peftc.cli.commands import read_manifest
+    from peftc.cli.rundir import read_manifest
     directory, manifest, ref = read_manifest(args) if args.dir else (None, {}, args.model or DEFAULT_MODEL)
     if args.onnx:
         if directory:

@@ -14,7 +14,11 @@ from peftc.graph.analysis import ModelSites, analyze
 from peftc.graph.capture import capture, deepcopy_quietly
 from peftc.compiler.memory import WeightBytes
 from peftc.models import load_model
+import peftc.methods  # noqa: F401  (registers every method's pass and HF PEFT format)
 from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager, load_passes
+from peftc.errors import AdapterError
+from peftc.interop.adapter_file import FILE, load_adapter, save_adapter
+from peftc.interop.hf_peft import CONFIG, WEIGHTS, format_for, load_adapter_weights, save_hf_peft
 from peftc.lang.spec import Spec, parse, parse_file
 
 aten = torch.ops.aten
@@ -170,15 +174,11 @@ class CompiledModel(nn.Module):
         return merged
 
     def save_hf_peft(self, directory: str | Path) -> Path:
-        from peftc.interop.hf_peft import save_hf_peft
         return save_hf_peft(self, directory)
 
     def save_adapter(self, directory: str | Path) -> list[str]:
         """Write peftc's adapter file (any methods) and, when one HF PEFT format holds every adapter,
         HF PEFT's files too. Returns the names of the files written."""
-        from peftc.interop.adapter_file import FILE, save_adapter
-        from peftc.interop.hf_peft import CONFIG, WEIGHTS, format_for, save_hf_peft
-        from peftc.errors import AdapterError
         save_adapter(self, directory)
         try:   # a format may refuse this model's adapters (a prefix on some layers only) before writing
             format_for(self)
@@ -189,8 +189,6 @@ class CompiledModel(nn.Module):
 
     def load_adapter(self, directory: str | Path) -> "CompiledModel":
         """Load adapter weights written by ``save_adapter`` (peftc's file, or else HF PEFT's files)."""
-        from peftc.interop.adapter_file import FILE, load_adapter
-        from peftc.interop.hf_peft import load_adapter_weights
         if (Path(directory) / FILE).is_file():
             load_adapter(self, directory)
         else:

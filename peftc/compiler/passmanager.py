@@ -87,8 +87,8 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def load_passes() -> dict[str, type[Pass]]:
-    """The registry, once :mod:`peftc.methods` (whose ``PASSES`` lists every pass) has registered them."""
-    import peftc.methods  # noqa: F401  (the methods import this module: importing them here is deferred)
+    """The registry: every pass of :data:`peftc.methods.PASSES`, registered when :mod:`peftc.methods` is
+    imported (by :mod:`peftc.compiler.compiled`, and so by ``import peftc``)."""
     return REGISTRY
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peftc.compiler.compiled import CompiledModel
 from peftc.graph.analysis import LinearSite
 from peftc.graph.capture import deepcopy_quietly
 from peftc.errors import ExportError
@@ -61,7 +62,6 @@ def requantize_plan(merged) -> list[tuple[LinearSite, int, bool]]:
 
 
 def _copy_model(merged, gm):
-    from peftc.compiler.compiled import CompiledModel
     return CompiledModel(gm, spec=merged.spec, sites=merged.sites, records=[], kind=merged.kind,
                          config=merged.config, model_ref=merged.model_ref)
 

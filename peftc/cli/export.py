@@ -1,0 +1,119 @@
+"""``peftc export``: merge a run directory's adapter and write ONNX that ONNX Runtime has verified."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from peftc.cli.progress import step
+from peftc.cli.rundir import read_manifest
+from peftc.compiler.compiled import compile as compile_model, op_histogram
+from peftc.export.onnx import export_onnx
+from peftc.export.targets import export_target
+from peftc.lang.spec import parse_file
+from peftc.models import load_model
+
+#: ONNX Runtime must match torch within this fraction of the largest logit, on every target. Float32 itself
+#: is not closer: on SmolLM2-135M torch's float32 logits (up to 35) are 1.2e-4 (3.4e-6 of 35) from a float64
+#: run of the same model, and ONNX Runtime's 9e-5; 2e-5 leaves a margin of six for another CPU's kernels,
+#: while a wrong export (a lost adapter, a wrong scale) is off by 1e-2 of the logits or more.
+RELATIVE_TOLERANCE = 2e-5
+
+
+def tolerance_of(result) -> float:
+    return RELATIVE_TOLERANCE * (result.reference_absmax or 0)
+
+
+def check(result) -> str | None:
+    """Refuse (before the file takes its final name) an export ONNX Runtime does not run within tolerance."""
+    if result.max_abs_diff is None or result.max_abs_diff > tolerance_of(result):
+        diff = "no output" if result.max_abs_diff is None else f"max abs diff {result.max_abs_diff:.3g}"
+        return f"ONNX Runtime vs torch {diff}, over the tolerance {tolerance_of(result):.3g}"
+    return None
+
+
+def _merged(args):
+    """(base model, compiled model with the directory's adapter, its merge, probe ids), with the merge's
+    effect printed."""
+    directory, manifest, ref = read_manifest(args)
+    with step(f"loading {ref}"):
+        base_model = load_model(ref)
+    with step("compiling and loading the adapter"):
+        model = compile_model(base_model, parse_file(directory / manifest["spec"]))
+        model.load_adapter(directory)
+    with step("merging"):
+        merged = model.merge()
+    ids = torch.randint(0, min(base_model.config.vocab_size, 1000), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merge_diff = (merged(ids) - model(ids)).abs().max().item()
+    print(f"merged vs unmerged logits: max abs diff {merge_diff:.3g}")
+    dequantized = [r for r in merged.folded if r.method == "quant"]
+    if dequantized:
+        schemes = ", ".join(sorted({r.scheme for r in dequantized}))
+        print(f"LoRA folded onto dequant(W) of the {len(dequantized)} {schemes} linears it trained against; "
+              f"merged weights are float32")
+    return base_model, merged, ids, bool(dequantized)
+
+
+def _compare_base(args, base_model, merged, ids, dequantized: bool, result) -> bool:
+    """Export the base model too and compare operator counts: a merge that folded everything leaves the
+    base model's graph. True when they are equal."""
+    base = compile_model(base_model, "")
+    with torch.no_grad():
+        effect = (base(ids) - merged(ids)).abs().max().item()
+    changes = "the adapter and the quantized base change" if dequantized else "the adapter changes"
+    print(f"merged vs base logits: max abs diff {effect:.3g} (what {changes})")
+    same_graph = op_histogram(base.graph_module) == op_histogram(merged.graph_module)
+    print(f"merged graph ops equal the base graph's: {'yes' if same_graph else 'NO'}")
+    base_path = Path(args.onnx).with_name(Path(args.onnx).stem + ".base.onnx")
+    with step(f"exporting the base model to {base_path} for comparison"):
+        base_result = export_onnx(base, base_path, verify=False)
+    equal = base_result.op_counts == result.op_counts
+    print(f"ONNX operator counts, merged vs base: {'equal' if equal else 'DIFFERENT'} "
+          f"({sum(result.op_counts.values())} vs {sum(base_result.op_counts.values())} nodes)")
+    for op in sorted(set(result.op_counts) | set(base_result.op_counts)):
+        a, b = result.op_counts.get(op, 0), base_result.op_counts.get(op, 0)
+        print(f"  {op:<20} {a:>6} {b:>6}{'' if a == b else '  <-'}")
+    return equal and same_graph
+
+
+def cmd_export(args) -> int:
+    base_model, merged, ids, dequantized = _merged(args)
+    target = "nf4" if args.nf4 else "int4" if args.int4 else args.dtype
+    with step(f"exporting {args.onnx} ({target})"):
+        if target == "fp32":
+            result = export_onnx(merged, args.onnx, check=check)
+            print(result)
+        else:
+            outcome = export_target(merged, args.onnx, target, block=args.block, check=check)
+            result = outcome.export
+            print(outcome)
+    # the file is written: export_onnx gave it its name only because it passed check()
+    if args.compare_base and target != "fp32":
+        print(f"--compare-base compares operator counts of the fp32 export; a {target} export has other "
+              "operators by design, so it is skipped")
+    elif args.compare_base and not _compare_base(args, base_model, merged, ids, dequantized, result):
+        print(f"export check failed: the merged model's operators differ from the base's (ONNX Runtime "
+              f"check passed, tolerance {tolerance_of(result):.3g}; {args.onnx} is written)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("export", help="merge a compiled adapter and export verified ONNX")
+    p.add_argument("dir", help="a directory written by 'peftc compile'")
+    p.add_argument("--onnx", required=True, help="the .onnx file to write")
+    p.add_argument("--model", default=None, help="override the model named in the directory")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also export the base model and compare operator counts (fp32 target)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="float weights of the merged model: fp32 (default) or fp16 (half the file)")
+    target.add_argument("--nf4", action="store_true",
+                        help="re-quantize the merged weights to NF4, run with com.microsoft.MatMulBnb4")
+    target.add_argument("--int4", action="store_true",
+                        help="re-quantize the merged weights to blockwise int4, run with com.microsoft.MatMulNBits")
+    p.add_argument("--block", type=int, default=None,
+                   help="block size for --nf4/--int4 (default: the spec's quant block, else 64)")
+    p.set_defaults(func=cmd_export)

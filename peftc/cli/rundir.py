@@ -1,0 +1,77 @@
+"""The run directory, what ``peftc compile`` and ``peftc train`` write and ``export``, ``explain``,
+``eval`` and ``generate`` read: ``peftc.json`` (the manifest: model, spec file, kind, report), ``spec.peft``
+and the adapter files. It is written whole or not at all (:func:`peftc.fsutil.atomic_dir`)."""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from peftc.errors import PeftcError, read_json
+from peftc.fsutil import atomic_dir, write_json, write_text
+
+MANIFEST = "peftc.json"
+SPEC_FILE = "spec.peft"
+
+
+def read_manifest(args) -> tuple[Path, dict, str]:
+    """The directory ``args.dir`` written by ``peftc compile``/``train``, its manifest, and the model
+    reference (``--model`` overrides the manifest's). The manifest's ``spec`` must name a file inside the
+    directory (no absolute path, no '..', no link out of it); a manifest that is not JSON, lacks a key or
+    has one of the wrong type is a PeftcError naming it."""
+    directory = Path(args.dir)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise PeftcError(f"{directory} has no {MANIFEST}: make it with 'peftc compile SPEC --out {directory}' "
+                         "or 'peftc train'")
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise PeftcError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
+    for key in ("spec", *(() if args.model else ("model",))):
+        if key not in manifest:
+            raise PeftcError(f"{manifest_path}: '{key}' is missing")
+        if not isinstance(manifest[key], str) or not manifest[key]:
+            raise PeftcError(f"{manifest_path}: '{key}' must be a non-empty string, got {manifest[key]!r}")
+    spec = Path(manifest["spec"])
+    inside = directory.resolve()
+    if spec.is_absolute() or ".." in spec.parts or not (directory / spec).resolve().is_relative_to(inside):
+        raise PeftcError(f"{manifest_path}: 'spec' must name a file inside {directory}, got {str(spec)!r}")
+    if not (directory / spec).is_file():
+        raise PeftcError(f"{manifest_path}: 'spec' names {str(spec)!r}, which is not a file in {directory}")
+    return directory, manifest, args.model or manifest["model"]
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse an ``--out`` that ``peftc compile`` must not replace: a file, a training run, or a directory
+    of other files (an empty one, or an earlier compile's, is replaced)."""
+    if out.exists() and not out.is_dir():
+        raise PeftcError(f"--out {out} is a file, not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "checkpoints").exists() or (out / "train.json").exists():
+        raise PeftcError(f"--out {out} holds a training run; compile would replace it: choose another --out")
+    if not (out / MANIFEST).is_file():
+        names = sorted(p.name for p in out.iterdir())
+        raise PeftcError(f"--out {out} is not empty and is not a 'peftc compile' directory (no {MANIFEST}; "
+                         f"it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+                         "choose another --out")
+
+
+def write_compiled(out: Path, model, spec, model_ref: str, report) -> list[str]:
+    """Write a compile's run directory: built beside ``out`` and swapped in whole, so none of an earlier
+    compile's files (HF PEFT's, say, when this adapter has no HF PEFT format) survive, and a failure leaves
+    it as it was. Returns the names written."""
+    try:
+        with atomic_dir(out) as tmp:
+            written = model.save_adapter(tmp)
+            write_text(tmp / SPEC_FILE, spec.format())
+            write_text(tmp / "report.txt", str(report) + "\n")
+            write_text(tmp / "graph.txt", model.dump_graph())
+            # without the report's timings: the same inputs give the same bytes (the timings are on stderr)
+            summary = {k: v for k, v in report.to_dict().items() if k != "timings_s"}
+            write_json(tmp / MANIFEST, {"model": model_ref, "spec": SPEC_FILE, "kind": model.kind,
+                                        "report": summary})
+    except OSError as exc:
+        what = exc.strerror or errno.errorcode.get(exc.errno or 0) or str(exc)
+        kept = f"{out} was left as it was" if out.exists() else "nothing was written"
+        raise PeftcError(f"cannot write {out}: {what}; {kept}") from exc
+    return written + [SPEC_FILE, "report.txt", "graph.txt", MANIFEST]
