@@ -1,36 +1,28 @@
 """Interchange with HF PEFT's adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 HF PEFT's files hold one method (one ``peft_type``). Each method with a file format registers a
-:class:`Format` (LoRA here; the others in ``peftc/hf_*.py``): how to write its records as config fields
-and tensors, how to load them back, and which spec an HF PEFT config stands for."""
+:class:`Format` from its own package (``peftc/methods/<keyword>/hf.py``): how to write its records as config
+fields and tensors, how to load them back, and which spec an HF PEFT config stands for. This module is what
+they share: the registry, saving and loading a directory, and the checks of config fields."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from peftc.interop.adapter_file import read_tensors
-from peftc.errors import AdapterError, PassError, read_json
+from peftc.errors import AdapterError, read_json
 from peftc.fsutil import save_tensors, write_json
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-#: lora's init= option as HF PEFT's init_lora_weights
-INIT_LORA_WEIGHTS = {"zero": True, "gaussian": "gaussian", "random": False}
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 #: adapter_config fields peftc does not implement; a file that sets them is refused, not half-loaded
 UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "target_parameters": None,
                "layer_replication": None, "trainable_token_indices": None}
-
-
-def _key(path: str, name: str) -> str:
-    return f"{KEY_PREFIX}{path}.{name}.weight"
 
 
 @dataclass(frozen=True)
@@ -148,76 +140,6 @@ def check_keys(path, tensors: dict, expected) -> None:
                            f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
 
 
-@dataclass
-class ModuleLora:
-    """All LoRAs of one module as the single dense LoRA HF PEFT's files hold: A (rank×in), B (out×rank)
-    and the rank and alpha that give ``scale`` under the file's ``use_rslora``. One LoRA on a whole module
-    is written as it is; slices of a fused projection, or several statements on one module, become
-    A = [A_1; A_2; ...] and a block-structured B = [B_1·s_1/s, B_2·s_2/s, ...] with s the first scale."""
-    path: str
-    records: list
-    rank: int
-    alpha: float
-
-    @classmethod
-    def of(cls, path: str, records: list, use_rslora: bool) -> "ModuleLora":
-        if len(records) == 1 and records[0].roles is None:
-            record = records[0]
-            if record.rslora == use_rslora:
-                return cls(path, records, record.r, record.alpha)
-            root = math.sqrt(record.r)   # the statement disagrees with the flag: same scale, other alpha
-            return cls(path, records, record.r, record.alpha * root if record.rslora else record.alpha / root)
-        rank = sum(r.hf_rank for r in records)
-        scale = records[0].scale
-        return cls(path, records, rank, scale * (math.sqrt(rank) if use_rslora else rank))
-
-    def tensors(self, gm) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.records[0].scale
-        pairs = [r.factors(gm) for r in self.records]
-        a = torch.cat([a for a, _ in pairs], 0)
-        b = torch.cat([b * (r.scale / scale) if r.scale != scale else b
-                       for r, (_, b) in zip(self.records, pairs)], 1)
-        return a.contiguous(), b.contiguous()
-
-    def load(self, gm, a: torch.Tensor, b: torch.Tensor, file_scale: float) -> None:
-        row = 0
-        for record in self.records:
-            rank = record.hf_rank
-            part_b = b[:, row:row + rank]
-            if record.scale != file_scale:
-                part_b = part_b * (file_scale / record.scale)
-            record.load_factors(gm, a[row:row + rank], part_b)
-            row += rank
-
-
-def module_loras(model, use_rslora: bool) -> list[ModuleLora]:
-    groups: dict[str, list] = {}
-    for record in model.records:
-        if record.method == "lora":
-            groups.setdefault(record.site.path, []).append(record)
-    return [ModuleLora.of(path, records, use_rslora) for path, records in groups.items()]
-
-
-def _save_lora(model, records) -> tuple[dict, dict]:
-    first = records[0]
-    modules = module_loras(model, first.rslora)
-    base = modules[0]
-    fields = {
-        "r": base.rank, "lora_alpha": base.alpha, "lora_dropout": first.dropout, "use_rslora": first.rslora,
-        "target_modules": sorted(m.path for m in modules),
-        "rank_pattern": {re.escape(m.path): m.rank for m in modules if m.rank != base.rank},
-        "alpha_pattern": {re.escape(m.path): m.alpha for m in modules if m.alpha != base.alpha},
-        "bias": "none", "fan_in_fan_out": any(r.site.kind == "conv1d" for r in records),
-        "init_lora_weights": INIT_LORA_WEIGHTS[first.init], "modules_to_save": None,
-    }
-    tensors = {}
-    for module in modules:
-        a, b = module.tensors(model.graph_module)
-        tensors[_key(module.path, "lora_A")] = a
-        tensors[_key(module.path, "lora_B")] = b
-    return fields, tensors
-
-
 def read_config(directory: str | Path) -> dict:
     """``adapter_config.json`` as a dict; the fields every format shares checked (see :func:`read_adapter`
     for the rest)."""
@@ -257,7 +179,7 @@ def check_int(config: dict, key: str, path, default=None, minimum: int = 1) -> N
         _refuse(path, key, value, "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and abs(value) <= 3.4028234663852886e38)
 
@@ -265,7 +187,7 @@ def _is_number(value) -> bool:
 def check_number(config: dict, key: str, path, default, low: float) -> None:
     """A finite float32 number above ``low``."""
     value = config.get(key, default)
-    if not _is_number(value) or value <= low:
+    if not is_number(value) or value <= low:
         _refuse(path, key, value, f"a finite number > {low:g}")
 
 
@@ -316,100 +238,24 @@ def check_layers(config: dict, key: str, path) -> None:
         _refuse(path, key, value, "a layer index or a list of layer indices")
 
 
-def _check_lora(config: dict, path) -> None:
-    check_int(config, "r", path, 8)
-    check_number(config, "lora_alpha", path, 8, 0)
-    dropout = config.get("lora_dropout", 0.0)
-    if not _is_number(dropout) or not 0 <= dropout < 1:
-        _refuse(path, "lora_dropout", dropout, "a probability in [0, 1)")
-    check_bool(config, "use_rslora", path)
-    check_bool(config, "fan_in_fan_out", path)
-    check_modules(config, "target_modules", path)
-    check_modules(config, "exclude_modules", path)
-    check_layers(config, "layers_to_transform", path)
-    check_patterns(config, "rank_pattern", path,
-                   lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
-    check_patterns(config, "alpha_pattern", path, lambda v: _is_number(v) and v > 0, "a finite number > 0")
+def check_probability(config: dict, key: str, path, default) -> None:
+    """A number in [0, 1), such as a dropout."""
+    value = config.get(key, default)
+    if not is_number(value) or not 0 <= value < 1:
+        _refuse(path, key, value, "a probability in [0, 1)")
 
 
-def _targets(config: dict, path: str) -> bool:
-    """HF PEFT's own rule for whether ``target_modules`` names the module at ``path``."""
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        hit = re.fullmatch(targets, path) is not None
-    else:
-        hit = any(path == t or path.endswith("." + t) for t in targets or ())
+# ── which modules a config adapts ──────────────────────────────────────────────────────────────────────
+def _names(modules, path: str) -> bool:
+    """Whether ``modules`` (a regular expression matched against the whole path, or a list of names each
+    matching the path or its last dotted parts) names the module at ``path``."""
+    if isinstance(modules, str):
+        return re.fullmatch(modules, path) is not None
+    return any(path == t or path.endswith("." + t) for t in modules or ())
+
+
+def targets_module(config: dict, path: str) -> bool:
+    """HF PEFT's own rule for whether ``target_modules`` (less ``exclude_modules``) names the module at
+    ``path``."""
     excluded = config.get("exclude_modules")
-    if excluded:
-        if isinstance(excluded, str):
-            hit = hit and re.fullmatch(excluded, path) is None
-        else:
-            hit = hit and not any(path == t or path.endswith("." + t) for t in excluded)
-    return hit
-
-
-def _pattern(patterns: dict, path: str, default):
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
-def spec_text_for(config: dict, sites) -> str:
-    """A peftc spec that selects exactly the modules HF PEFT would adapt, one statement per (r, alpha)."""
-    layers = config.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
-    groups: dict[tuple, list[str]] = {}
-    for site in sites.linears:
-        if not _targets(config, site.path):
-            continue
-        if layers is not None and site.layer not in layers:
-            continue
-        r = _pattern(config.get("rank_pattern") or {}, site.path, config.get("r", 8))
-        alpha = _pattern(config.get("alpha_pattern") or {}, site.path, config.get("lora_alpha", 8))
-        groups.setdefault((r, alpha), []).append(site.path)
-    if not groups:
-        raise AdapterError(f"the adapter's target_modules {config.get('target_modules')!r} match no linear "
-                           f"of the model; it has {sites.summary()}")
-    rslora = "true" if config.get("use_rslora") else "false"
-    dropout = float(config.get("lora_dropout", 0.0))
-    lines = []
-    for (r, alpha), paths in groups.items():
-        quoted = ", ".join(json.dumps(p) for p in paths)
-        lines.append(f"lora {quoted} r={int(r)} alpha={float(alpha)} dropout={dropout} rslora={rslora}")
-    return "\n".join(lines) + "\n"
-
-
-def _load_lora(model, records, config: dict, tensors: dict, path) -> None:
-    """LoRA weights into the matching sites, keeping the function the file describes (its scale is read
-    from its config)."""
-    groups: dict[str, list] = {}
-    for record in records:
-        groups.setdefault(record.site.path, []).append(record)
-    modules = [ModuleLora.of(p, rs, bool(config.get("use_rslora"))) for p, rs in groups.items()]
-    check_keys(path, tensors, {_key(m.path, n) for m in modules for n in ("lora_A", "lora_B")})
-    scales = []                    # every module is checked before any is loaded
-    for module in modules:
-        a, b = tensors[_key(module.path, "lora_A")], tensors[_key(module.path, "lora_B")]
-        site = module.records[0].site
-        want_a, want_b = (module.rank, site.in_features), (site.out_features, module.rank)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise AdapterError(f"{path}: the LoRA of {module.path} has A {tuple(a.shape)} and B "
-                               f"{tuple(b.shape)}; the compiled model expects A {want_a} and B {want_b}")
-        rank = _pattern(config.get("rank_pattern") or {}, module.path, config.get("r", 8))
-        alpha = _pattern(config.get("alpha_pattern") or {}, module.path, config.get("lora_alpha", 8))
-        if rank != a.shape[0]:     # the file's own config must describe its own tensors, as HF PEFT requires
-            raise AdapterError(f"{Path(path).with_name(CONFIG)}: the LoRA of {module.path} has rank {rank} "
-                               f"by 'r'/'rank_pattern', but {path} holds rank-{a.shape[0]} factors "
-                               f"(A {tuple(a.shape)}, B {tuple(b.shape)})")
-        scales.append(alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
-    for module, file_scale in zip(modules, scales):
-        a, b = tensors[_key(module.path, "lora_A")], tensors[_key(module.path, "lora_B")]
-        try:
-            module.load(model.graph_module, a, b, file_scale)
-        except PassError as exc:
-            raise AdapterError(f"{path}: {exc}") from exc
-
-
-register_format(Format("lora", "LORA", _save_lora, _load_lora, spec_text_for, _check_lora))
+    return _names(config.get("target_modules"), path) and not (excluded and _names(excluded, path))

@@ -1,5 +1,5 @@
 """One package per spec keyword: its rewrite pass with the record of what it inserted (``rewrite.py``) and,
-where HF PEFT has a file format for it, that format (``hf.py``; LoRA's is the base of the interchange, in
+where HF PEFT has a file format for it, that format (``hf.py``, on the shared machinery of
 :mod:`peftc.interop.hf_peft`). :data:`PASSES` is the one list of them: the pass manager and the language
 reference iterate it, never a directory walk."""
 from __future__ import annotations
@@ -9,6 +9,7 @@ from peftc.methods.bitfit.rewrite import BitfitPass
 from peftc.methods.full.rewrite import FullPass
 from peftc.methods.ia3 import hf as _ia3_format  # noqa: F401  (registers HF PEFT's IA3 format)
 from peftc.methods.ia3.rewrite import Ia3Pass
+from peftc.methods.lora import hf as _lora_format  # noqa: F401  (registers HF PEFT's LORA format)
 from peftc.methods.lora.rewrite import LoraPass
 from peftc.methods.prefix.rewrite import PrefixPass
 from peftc.methods.prompt import hf as _prompt_formats  # noqa: F401  (PREFIX_TUNING and PROMPT_TUNING)

@@ -8,7 +8,8 @@ import re
 import torch
 
 from peftc.errors import AdapterError
-from peftc.interop.hf_peft import KEY_PREFIX, Format, _targets, check_bool, check_keys, check_modules, register_format
+from peftc.interop.hf_peft import (KEY_PREFIX, Format, check_bool, check_keys, check_modules, register_format,
+                                   targets_module)
 
 
 def _key(path: str) -> str:
@@ -75,7 +76,7 @@ def _is_feedforward(config: dict, module_path: str) -> bool:
 def _spec_text(config: dict, sites) -> str:
     paths = []
     for site in sites.linears:
-        if not _targets(config, site.path):
+        if not targets_module(config, site.path):
             continue
         if _is_feedforward(config, site.path) != (site.role == "down"):
             raise AdapterError(f"the adapter scales the {'input' if site.role != 'down' else 'output'} of "
