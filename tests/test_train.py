@@ -209,17 +209,17 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_ends_with_the_same_bytes(wo
     assert "# interrupted after step 5" in (out / "train.log").read_text()
 
     # Ctrl-C while the next checkpoint is being written: the half-written one never appears
-    import peftc.training.train as train_module
-    real_save = train_module.save_tensors
+    import peftc.training.checkpoints as checkpoint_module
+    real_save = checkpoint_module.save_tensors
 
     def interrupted_save(path, tensors, metadata=None):
         if Path(path).name == "optimizer.safetensors":
             raise KeyboardInterrupt
         return real_save(path, tensors, metadata)
-    monkeypatch.setattr(train_module, "save_tensors", interrupted_save)
+    monkeypatch.setattr(checkpoint_module, "save_tensors", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         train(config(workdir, out="stopped", steps=6, save_every=2, lr=5e-3, resume=True))
-    monkeypatch.setattr(train_module, "save_tensors", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_tensors", real_save)
     assert [p.name for p in checkpoints(out)] == ["step-0000002", "step-0000004"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
