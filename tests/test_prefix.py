@@ -11,7 +11,8 @@ from torch import nn
 
 import peftc
 from peftc.compiler.compiled import op_histogram
-from peftc.methods.prefix.rewrite import PrefixEncoderRecord, _Emit, extend_attention
+from peftc.methods.prefix.attention import Emit, extend_attention
+from peftc.methods.prefix.rewrite import PrefixEncoderRecord
 from conftest import randomize_adapters, token_ids
 from numerics import REORDERED, SAME_FUNCTION, assert_close, assert_differs, assert_export_close
 
@@ -164,7 +165,7 @@ def test_sdpa_rewrite_equals_eager_attention_over_the_prefix(mode):
     prefix.value = nn.Parameter(torch.randn(kv, p, d, generator=gen))
     gm.add_submodule("prefix", prefix)
     ctx = SimpleNamespace(gm=gm, tag=lambda node, *rest: node)
-    emit = _Emit(ctx, None, 0, "prefix")
+    emit = Emit(ctx, None, 0, "prefix")
     sdpa = next(n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default)
     with gm.graph.inserting_before(sdpa):
         key, value = emit.attr("prefix.key"), emit.attr("prefix.value")

@@ -77,9 +77,13 @@ class ModelSites:
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def _layer_of(path: str) -> int | None:
+def layer_of(path: str) -> int | None:
+    """The layer index of a module path (its first dotted integer), or None."""
     match = _LAYER.search(path)
     return int(match.group(1)) if match else None
+
+
+_layer_of = layer_of   # the name peftc.graph.draw imports
 
 
 def _attr(node) -> str | None:
@@ -130,7 +134,7 @@ def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
     out_f, in_f = shape[::-1] if kind == "conv1d" else shape
     path = module_path(node) or strip_prefix(target.rsplit(".", 1)[0])
     return LinearSite(node=node.name, path=path, weight=target, bias=_attr(bias), kind=kind,
-                      in_features=in_f, out_features=out_f, layer=_layer_of(path),
+                      in_features=in_f, out_features=out_f, layer=layer_of(path),
                       module_type=module_type(node), output=output)
 
 

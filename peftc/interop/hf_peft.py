@@ -48,8 +48,8 @@ def register_format(fmt: Format) -> Format:
 
 
 def formats() -> dict[str, Format]:
-    """Every registered format: LoRA's (below) and those :mod:`peftc.methods` registers."""
-    import peftc.methods  # noqa: F401  (the methods' formats import this module: deferred)
+    """Every registered format: those :mod:`peftc.methods` registers, which :mod:`peftc.compiler.compiled`
+    (and so ``import peftc``) imports."""
     return FORMATS
 
 

@@ -23,32 +23,13 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.graph.analysis import ATTENTION_OPS, _layer_of
-from peftc.graph.capture import module_path
-from peftc.lang.diagnostics import SpecError, check_allocation
-from peftc.errors import PassError
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
+from peftc.errors import PassError
+from peftc.lang.diagnostics import SpecError, check_allocation
+from peftc.methods.prefix.attention import AttentionSite, Emit, attention_sites, extend_attention
+from peftc.methods.prefix.positions import shift_positions
 
 aten = torch.ops.aten
-SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-SDPA_DEFAULTS = (None, None, None, None, 0.0, False)
-ARANGE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
-INT_DTYPES = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
-
-
-@dataclass
-class AttentionSite:
-    """One SDPA call: what records need (``path``, ``layer``) and the shapes the prefixes take."""
-    node: str              # name of the scaled_dot_product_attention node
-    path: str              # module path of the attention, e.g. model.layers.0.self_attn
-    layer: int | None
-    heads: int             # heads of the keys as SDPA receives them (after any repeat_kv)
-    kv_heads: int          # heads of the keys as the k projection computes them
-    head_dim: int
-
-    @property
-    def token_dim(self) -> int:
-        return self.kv_heads * self.head_dim
 
 
 class PrefixWeights(nn.Module):
@@ -113,7 +94,7 @@ class PrefixRecord:
             raise PassError(f"the prefixes of {self.site.path} come from a prefix encoder; pass it")
         with torch.no_grad():
             flat = gm.get_submodule(encoder.module)()
-        return _split(flat, self.index, self.site)
+        return split(flat, self.index, self.site)
 
 
 @dataclass
@@ -145,7 +126,7 @@ class PrefixEncoderRecord:
         return dict(gm.get_submodule(self.module).named_parameters())
 
 
-def _split(flat: torch.Tensor, index: int, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor]:
+def split(flat: torch.Tensor, index: int, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention ``index``'s (key, value) from HF PEFT's flat (P, layers·2·d) prefix tensor."""
     d = site.token_dim
     out = []
@@ -155,205 +136,6 @@ def _split(flat: torch.Tensor, index: int, site: AttentionSite) -> tuple[torch.T
     return out[0], out[1]
 
 
-class _Emit:
-    """Insert aten calls into a graph, tagging each and remembering it."""
-
-    def __init__(self, ctx: CompileContext, statement, index: int, keyword: str):
-        self.ctx, self.statement, self.index, self.keyword = ctx, statement, index, keyword
-        self.graph = ctx.gm.graph
-        self.nodes: list[Node] = []
-
-    def __call__(self, target, *args, **kwargs) -> Node:
-        node = self.graph.call_function(target, args, kwargs)
-        return self._keep(node)
-
-    def attr(self, target: str) -> Node:
-        return self._keep(self.graph.get_attr(target))
-
-    def _keep(self, node: Node) -> Node:
-        self.ctx.tag(node, self.keyword, self.statement, self.index)
-        self.nodes.append(node)
-        return node
-
-
-def sdpa_args(node: Node) -> dict:
-    """The SDPA call's arguments by name (defaults filled in)."""
-    out = {name: (node.args[i] if i < len(node.args) else node.kwargs.get(name, default))
-           for i, (name, default) in enumerate(zip(SDPA_ARGS, SDPA_DEFAULTS))}
-    out["scale"] = node.kwargs.get("scale")
-    out["enable_gqa"] = node.kwargs.get("enable_gqa", False)
-    return out
-
-
-def extend_attention(emit: _Emit, sdpa: Node, key_prefix: Node, value_prefix: Node, tokens: int,
-                     heads: int, kv_heads: int) -> None:
-    """Rewrite ``sdpa`` to attend over ``tokens`` prefix positions first. ``key_prefix``/``value_prefix``
-    are (kv_heads, P, head_dim) nodes; emitted nodes go before ``sdpa``. With ``enable_gqa`` SDPA repeats
-    the heads itself, else prefixes are repeated like transformers' ``repeat_kv`` (head h reads kv head
-    h // (heads / kv_heads))."""
-    a = sdpa_args(sdpa)
-    q, k, v, mask, causal = a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"]
-    k_val = k.meta.get("val")
-    with emit.graph.inserting_before(sdpa):
-        batch = emit(aten.sym_size.int, k, 0)
-        expanded = []
-        for prefix in (key_prefix, value_prefix):
-            if heads != kv_heads and not a["enable_gqa"]:
-                rep = heads // kv_heads
-                prefix = emit(aten.unsqueeze.default, prefix, 1)
-                prefix = emit(aten.expand.default, prefix, [kv_heads, rep, tokens, -1])
-                prefix = emit(aten.reshape.default, prefix, [heads, tokens, -1])
-            if k_val is not None and k_val.dtype != torch.float32:
-                prefix = emit(aten._to_copy.default, prefix, dtype=k_val.dtype)
-            prefix = emit(aten.unsqueeze.default, prefix, 0)
-            expanded.append(emit(aten.expand.default, prefix, [batch, -1, -1, -1]))
-        new_k = emit(aten.cat.default, [expanded[0], k], 2)
-        new_v = emit(aten.cat.default, [expanded[1], v], 2)
-        if mask is not None:
-            new_mask = _extend_mask(emit, mask, tokens)
-        elif causal:
-            # is_causal is top-left aligned: query i sees keys 0..i; the prefix columns are seen by all
-            tq = emit(aten.sym_size.int, q, 2)
-            tk = emit(aten.sym_size.int, k, 2)
-            tri = emit(aten.tril.default, emit(aten.new_ones.default, q, [tq, tk], dtype=torch.bool))
-            seen = emit(aten.new_ones.default, q, [tq, tokens], dtype=torch.bool)
-            new_mask = emit(aten.cat.default, [seen, tri], 1)
-        else:
-            new_mask = None
-    kwargs = {"scale": a["scale"]} if a["scale"] is not None else {}
-    if a["enable_gqa"]:
-        kwargs["enable_gqa"] = True
-    sdpa.args = (q, new_k, new_v, new_mask, a["dropout_p"], False)
-    sdpa.kwargs = kwargs
-
-
-def _extend_mask(emit: _Emit, mask: Node, tokens: int) -> Node:
-    """[visible × P, mask] along the last axis: True for a bool mask, 0 for an additive float mask."""
-    val = mask.meta.get("val")
-    is_bool = val is None or val.dtype == torch.bool
-    ndim = val.dim() if val is not None else 4
-    first = emit(aten.slice.Tensor, mask, ndim - 1, 0, 1)
-    fill = emit(aten.full_like.default, first, True if is_bool else 0.0)
-    cols = emit(aten.expand.default, fill, [-1] * (ndim - 1) + [tokens])
-    return emit(aten.cat.default, [cols, mask], ndim - 1)
-
-
-def attention_sites(ctx: CompileContext) -> list[AttentionSite]:
-    """Every SDPA call in graph order, with the key heads it receives and those its k projection makes."""
-    gm, sites = ctx.gm, ctx.sites
-    found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in ATTENTION_OPS:
-            continue
-        k = sdpa_args(node)["key"]
-        val = k.meta.get("val") if isinstance(k, Node) else None
-        if val is None or val.dim() != 4:
-            raise PassError(f"cannot read the key shape of attention {node.name}")
-        heads, head_dim = int(val.shape[1]), int(val.shape[3])
-        path = module_path(node) or node.name
-        kv_features = _key_features(k, sites)
-        kv_heads = heads
-        if kv_features and kv_features % head_dim == 0 and heads % (kv_features // head_dim) == 0:
-            kv_heads = kv_features // head_dim
-        found.append(AttentionSite(node.name, path, _layer_of(path), heads, kv_heads, head_dim))
-    return found
-
-
-def _key_features(k: Node, sites) -> int | None:
-    """Output features computing the keys: the k projection's, or the k slice of a fused one."""
-    seen, frontier = set(), [k]
-    while frontier:
-        node = frontier.pop()
-        if not isinstance(node, Node) or node in seen:
-            continue
-        seen.add(node)
-        site = sites.by_node.get(node.name)
-        if site is not None:
-            if site.slices and "k" in site.slices:
-                return len(site.slices["k"])
-            if site.role == "k":
-                return site.out_features
-            continue
-        frontier.extend(node.all_input_nodes)
-    return None
-
-
-def _value_path(gm: GraphModule) -> set[Node]:
-    """Nodes that reach some attention's query, key or value (not only its mask)."""
-    out: set[Node] = set()
-    frontier = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in ATTENTION_OPS:
-            frontier += [a for a in node.args[:3] if isinstance(a, Node)]
-    while frontier:
-        node = frontier.pop()
-        if node in out:
-            continue
-        out.add(node)
-        if node.op == "call_function" and node.target in ATTENTION_OPS:
-            frontier += [a for a in node.args[:3] if isinstance(a, Node)]
-        else:
-            frontier += node.all_input_nodes
-    return out
-
-
-def _is_int(node: Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dtype in INT_DTYPES
-
-
-def position_roots(gm: GraphModule) -> list[Node]:
-    """The integer position tensors of the sequence that feed the attention's inputs (see the module doc)."""
-    on_path = _value_path(gm)
-    roots = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node not in on_path or not _is_int(node):
-            continue
-        if node.target in ARANGE_OPS or node.target is aten.cumsum.default:
-            roots.append(node)
-        elif node.target is aten.slice.Tensor and _is_arange_buffer(gm, node.args[0]):
-            roots.append(node)
-    # keep the outermost: a root computed from another root is shifted through it
-    root_set = set(roots)
-    return [r for r in roots if not any(a in root_set for a in _ancestors(r))]
-
-
-def _ancestors(node: Node) -> set[Node]:
-    seen, frontier = set(), list(node.all_input_nodes)
-    while frontier:
-        n = frontier.pop()
-        if n not in seen:
-            seen.add(n)
-            frontier.extend(n.all_input_nodes)
-    return seen
-
-
-def _is_arange_buffer(gm: GraphModule, node) -> bool:
-    if not (isinstance(node, Node) and node.op == "get_attr"):
-        return False
-    try:
-        value = gm.get_buffer(node.target)
-    except AttributeError:
-        return False
-    return value.dtype in INT_DTYPES and torch.equal(value.flatten(), torch.arange(value.numel()))
-
-
-def shift_positions(emit: _Emit, tokens: int) -> list[str]:
-    """Add ``tokens`` to the position ids on the path to the attention inputs; returns the roots shifted."""
-    gm = emit.ctx.gm
-    on_path = _value_path(gm)
-    shifted = []
-    for root in position_roots(gm):
-        users = [u for u in root.users if u in on_path]
-        if not users:
-            continue
-        with emit.graph.inserting_after(root):
-            moved = emit(aten.add.Tensor, root, tokens)
-        for user in users:
-            user.replace_input_with(root, moved)
-        shifted.append(root.name)
-    return shifted
-
 
 @register
 class PrefixPass(Pass):
@@ -361,6 +143,46 @@ class PrefixPass(Pass):
     rank = 90          # after the passes on linears; it rewrites only the attention calls
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
+        tokens, hidden = statement.options["tokens"], statement.options.get("project")
+        sites = self._sites(ctx, statement)
+        emit = Emit(ctx, statement, index, self.keyword)
+        nodes = {n.name: n for n in ctx.gm.graph.nodes}
+        records = [PrefixRecord(statement=index, site=s, module=f"peftc_prefix_{i}", tokens=tokens, index=i)
+                   for i, s in enumerate(sites)]
+        for record in records:
+            s = record.site
+            ctx.add_module(record.module, PrefixWeights(s.kv_heads, tokens, s.head_dim, empty=hidden is not None))
+        encoder = None
+        if hidden is not None:
+            encoder = PrefixEncoderRecord(statement=index, module="peftc_prefix_encoder", tokens=tokens,
+                                          hidden=hidden, sites=sites)
+            ctx.add_module(encoder.module, PrefixEncoder(tokens, sites[0].token_dim, hidden, len(sites)))
+            prefix_nodes = _emit_encoder(emit, encoder, records, nodes[sites[0].node])
+        for record in records:
+            s = record.site
+            sdpa = nodes[s.node]
+            start = len(emit.nodes)
+            if hidden is None:
+                with emit.graph.inserting_before(sdpa):
+                    pair = (emit.attr(f"{record.module}.key"), emit.attr(f"{record.module}.value"))
+            else:
+                pair = prefix_nodes[record.module]
+            extend_attention(emit, sdpa, pair[0], pair[1], tokens, s.heads, s.kv_heads)
+            record.nodes = [n.name for n in emit.nodes[start:]]
+        start = len(emit.nodes)
+        shifted = shift_positions(emit, tokens)
+        for record in records:
+            record.nodes += [n.name for n in emit.nodes[start:]]
+            record.shifted = shifted
+        ctx.records.extend(records)
+        if encoder is not None:
+            ctx.records.append(encoder)
+        return PassResult(ctx.gm, modified=True)
+
+    @staticmethod
+    def _sites(ctx: CompileContext, statement) -> list[AttentionSite]:
+        """The attentions the statement selects, once the spec, the model and the size of what it would
+        allocate are checked."""
         opts = statement.options
         tokens, hidden, layers = opts["tokens"], opts.get("project"), opts.get("layers")
         earlier = [r for r in ctx.records if r.method == "prefix"]
@@ -393,59 +215,7 @@ class PrefixPass(Pass):
             count, where = tokens * d + d * hidden + hidden + hidden * out + out, "in the prefix encoder"
         check_allocation(statement, ctx.spec.source, count, f"{where} for {len(sites)} attentions",
                          "lower tokens" + (" or project" if hidden is not None else ""))
-        emit = _Emit(ctx, statement, index, self.keyword)
-        nodes = {n.name: n for n in ctx.gm.graph.nodes}
-        records = [PrefixRecord(statement=index, site=s, module=f"peftc_prefix_{i}", tokens=tokens, index=i)
-                   for i, s in enumerate(sites)]
-        for record in records:
-            s = record.site
-            ctx.add_module(record.module, PrefixWeights(s.kv_heads, tokens, s.head_dim, empty=hidden is not None))
-        encoder = None
-        prefix_nodes: dict[str, tuple[Node, Node]] = {}
-        if hidden is not None:
-            encoder = PrefixEncoderRecord(statement=index, module="peftc_prefix_encoder", tokens=tokens,
-                                          hidden=hidden, sites=sites)
-            ctx.add_module(encoder.module, PrefixEncoder(tokens, sites[0].token_dim, hidden, len(sites)))
-            first_sdpa = nodes[sites[0].node]
-            with emit.graph.inserting_before(first_sdpa):
-                start = len(emit.nodes)
-                m = encoder.module
-                emb = emit.attr(f"{m}.embedding.weight")
-                h = emit(aten.linear.default, emb, emit.attr(f"{m}.transform.0.weight"),
-                         emit.attr(f"{m}.transform.0.bias"))
-                h = emit(aten.tanh.default, h)
-                flat = emit(aten.linear.default, h, emit.attr(f"{m}.transform.2.weight"),
-                            emit.attr(f"{m}.transform.2.bias"))
-                for record in records:
-                    s, pair = record.site, []
-                    for j in (0, 1):
-                        lo = (2 * record.index + j) * s.token_dim
-                        block = emit(aten.slice.Tensor, flat, 1, lo, lo + s.token_dim)
-                        block = emit(aten.view.default, block, [tokens, s.kv_heads, s.head_dim])
-                        pair.append(emit(aten.permute.default, block, [1, 0, 2]))
-                    prefix_nodes[record.module] = (pair[0], pair[1])
-                    encoder.outputs.append((record.module, pair[0].name, pair[1].name))
-                encoder.nodes = [n.name for n in emit.nodes[start:]]
-        for record in records:
-            s = record.site
-            sdpa = nodes[s.node]
-            start = len(emit.nodes)
-            if hidden is None:
-                with emit.graph.inserting_before(sdpa):
-                    pair = (emit.attr(f"{record.module}.key"), emit.attr(f"{record.module}.value"))
-            else:
-                pair = prefix_nodes[record.module]
-            extend_attention(emit, sdpa, pair[0], pair[1], tokens, s.heads, s.kv_heads)
-            record.nodes = [n.name for n in emit.nodes[start:]]
-        start = len(emit.nodes)
-        shifted = shift_positions(emit, tokens)
-        for record in records:
-            record.nodes += [n.name for n in emit.nodes[start:]]
-            record.shifted = shifted
-        ctx.records.extend(records)
-        if encoder is not None:
-            ctx.records.append(encoder)
-        return PassResult(ctx.gm, modified=True)
+        return sites
 
     @staticmethod
     def fold(gm: GraphModule, record) -> None:
@@ -460,7 +230,7 @@ class PrefixPass(Pass):
         nodes = {n.name: n for n in gm.graph.nodes}
         for index, ((module, key_name, value_name), site) in enumerate(zip(record.outputs, record.sites)):
             weights = gm.get_submodule(module)
-            key, value = _split(flat, index, site)
+            key, value = split(flat, index, site)
             weights.key = nn.Parameter(key)
             weights.value = nn.Parameter(value)
             for name, attr in ((key_name, "key"), (value_name, "value")):
@@ -472,3 +242,30 @@ class PrefixPass(Pass):
         for name in reversed(record.nodes):
             gm.graph.erase_node(nodes[name])
         gm.delete_submodule(record.module)
+
+
+def _emit_encoder(emit: Emit, encoder: PrefixEncoderRecord, records: list[PrefixRecord],
+                  first_sdpa: Node) -> dict[str, tuple[Node, Node]]:
+    """The prefix encoder's MLP as graph ops before the first attention, its output cut into each
+    attention's (key, value) prefix nodes (by record module), as HF PEFT lays its blocks out."""
+    tokens, m = encoder.tokens, encoder.module
+    prefix_nodes: dict[str, tuple[Node, Node]] = {}
+    with emit.graph.inserting_before(first_sdpa):
+        start = len(emit.nodes)
+        emb = emit.attr(f"{m}.embedding.weight")
+        h = emit(aten.linear.default, emb, emit.attr(f"{m}.transform.0.weight"),
+                 emit.attr(f"{m}.transform.0.bias"))
+        h = emit(aten.tanh.default, h)
+        flat = emit(aten.linear.default, h, emit.attr(f"{m}.transform.2.weight"),
+                    emit.attr(f"{m}.transform.2.bias"))
+        for record in records:
+            s, pair = record.site, []
+            for j in (0, 1):
+                lo = (2 * record.index + j) * s.token_dim
+                block = emit(aten.slice.Tensor, flat, 1, lo, lo + s.token_dim)
+                block = emit(aten.view.default, block, [tokens, s.kv_heads, s.head_dim])
+                pair.append(emit(aten.permute.default, block, [1, 0, 2]))
+            prefix_nodes[record.module] = (pair[0], pair[1])
+            encoder.outputs.append((record.module, pair[0].name, pair[1].name))
+        encoder.nodes = [n.name for n in emit.nodes[start:]]
+    return prefix_nodes

@@ -15,6 +15,8 @@ import torch
 
 from peftc.errors import AdapterError, ModelError
 from peftc.interop.hf_peft import REQUIRED, Format, check_int, check_keys, register_format
+from peftc.methods.prefix.rewrite import PrefixEncoderRecord, PrefixRecord, split
+from peftc.models import resolve
 
 KEY = "prompt_embeddings"
 
@@ -50,7 +52,6 @@ def hf_shapes(model, prefix: bool) -> dict:
 
 # ── prefix tuning ─────────────────────────────────────────────────────────────────────────────────────
 def _prefix_parts(model):
-    from peftc.methods.prefix.rewrite import PrefixEncoderRecord, PrefixRecord
     layers = [r for r in model.records if isinstance(r, PrefixRecord)]
     encoders = [r for r in model.records if isinstance(r, PrefixEncoderRecord)]
     return layers, (encoders[0] if encoders else None)
@@ -94,7 +95,6 @@ def _save_prefix(model, records) -> tuple[dict, dict]:
 
 
 def _load_prefix(model, records, config: dict, tensors: dict, path) -> None:
-    from peftc.methods.prefix.rewrite import _split
     layers, encoder = _prefix_parts(model)
     gm = model.graph_module
     if encoder is not None and not layers[0].parameters(gm):
@@ -114,7 +114,7 @@ def _load_prefix(model, records, config: dict, tensors: dict, path) -> None:
                            f"{config.get('num_virtual_tokens')} virtual tokens; the compiled model expects "
                            f"{want} ({tokens} tokens)")
     for record in layers:
-        key, value = _split(flat, record.site.layer, record.site)
+        key, value = split(flat, record.site.layer, record.site)
         params = record.parameters(gm)
         with torch.no_grad():
             params["key"].copy_(key.to(params["key"].dtype))
@@ -138,7 +138,6 @@ def _save_prompt(model, records) -> tuple[dict, dict]:
     text = record.init_text
     tokenizer = None
     if text is not None:
-        from peftc.models import resolve
         try:      # a directory HF PEFT's AutoTokenizer can open (a built-in name resolves to its cache)
             directory = resolve(model.model_ref)[1]
         except ModelError:

@@ -25,6 +25,7 @@ from torch.fx.node import map_arg
 
 from peftc.lang.diagnostics import SpecError, check_allocation
 from peftc.errors import ModelError
+from peftc.models import load_tokenizer
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
 
 aten = torch.ops.aten
@@ -149,7 +150,6 @@ class PromptPass(Pass):
 
     @staticmethod
     def _text_init(ctx: CompileContext, statement, text: str, tokens: int, weight: torch.Tensor):
-        from peftc.models import load_tokenizer
         ref = ctx.model_ref
         where = statement.option_spans.get("init", statement.span)
         try:

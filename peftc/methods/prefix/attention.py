@@ -1,0 +1,156 @@
+"""The prefix pass's rewrite of one attention: the SDPA calls of a graph as :class:`AttentionSite` (the key
+heads SDPA receives and those the k projection makes), and ``sdpa(q, k, v, mask)`` rewritten to attend over
+key and value prefixes first (:func:`extend_attention`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from peftc.compiler.passmanager import CompileContext
+from peftc.errors import PassError
+from peftc.graph.analysis import ATTENTION_OPS, layer_of
+from peftc.graph.capture import module_path
+
+aten = torch.ops.aten
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+SDPA_DEFAULTS = (None, None, None, None, 0.0, False)
+
+
+@dataclass
+class AttentionSite:
+    """One SDPA call: what records need (``path``, ``layer``) and the shapes the prefixes take."""
+    node: str              # name of the scaled_dot_product_attention node
+    path: str              # module path of the attention, e.g. model.layers.0.self_attn
+    layer: int | None
+    heads: int             # heads of the keys as SDPA receives them (after any repeat_kv)
+    kv_heads: int          # heads of the keys as the k projection computes them
+    head_dim: int
+
+    @property
+    def token_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+class Emit:
+    """Insert aten calls into a graph, tagging each and remembering it."""
+
+    def __init__(self, ctx: CompileContext, statement, index: int, keyword: str):
+        self.ctx, self.statement, self.index, self.keyword = ctx, statement, index, keyword
+        self.graph = ctx.gm.graph
+        self.nodes: list[Node] = []
+
+    def __call__(self, target, *args, **kwargs) -> Node:
+        node = self.graph.call_function(target, args, kwargs)
+        return self._keep(node)
+
+    def attr(self, target: str) -> Node:
+        return self._keep(self.graph.get_attr(target))
+
+    def _keep(self, node: Node) -> Node:
+        self.ctx.tag(node, self.keyword, self.statement, self.index)
+        self.nodes.append(node)
+        return node
+
+
+def sdpa_args(node: Node) -> dict:
+    """The SDPA call's arguments by name (defaults filled in)."""
+    out = {name: (node.args[i] if i < len(node.args) else node.kwargs.get(name, default))
+           for i, (name, default) in enumerate(zip(SDPA_ARGS, SDPA_DEFAULTS))}
+    out["scale"] = node.kwargs.get("scale")
+    out["enable_gqa"] = node.kwargs.get("enable_gqa", False)
+    return out
+
+
+def extend_attention(emit: Emit, sdpa: Node, key_prefix: Node, value_prefix: Node, tokens: int,
+                     heads: int, kv_heads: int) -> None:
+    """Rewrite ``sdpa`` to attend over ``tokens`` prefix positions first. ``key_prefix``/``value_prefix``
+    are (kv_heads, P, head_dim) nodes; emitted nodes go before ``sdpa``. With ``enable_gqa`` SDPA repeats
+    the heads itself, else prefixes are repeated like transformers' ``repeat_kv`` (head h reads kv head
+    h // (heads / kv_heads))."""
+    a = sdpa_args(sdpa)
+    q, k, v, mask, causal = a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"]
+    k_val = k.meta.get("val")
+    with emit.graph.inserting_before(sdpa):
+        batch = emit(aten.sym_size.int, k, 0)
+        expanded = []
+        for prefix in (key_prefix, value_prefix):
+            if heads != kv_heads and not a["enable_gqa"]:
+                rep = heads // kv_heads
+                prefix = emit(aten.unsqueeze.default, prefix, 1)
+                prefix = emit(aten.expand.default, prefix, [kv_heads, rep, tokens, -1])
+                prefix = emit(aten.reshape.default, prefix, [heads, tokens, -1])
+            if k_val is not None and k_val.dtype != torch.float32:
+                prefix = emit(aten._to_copy.default, prefix, dtype=k_val.dtype)
+            prefix = emit(aten.unsqueeze.default, prefix, 0)
+            expanded.append(emit(aten.expand.default, prefix, [batch, -1, -1, -1]))
+        new_k = emit(aten.cat.default, [expanded[0], k], 2)
+        new_v = emit(aten.cat.default, [expanded[1], v], 2)
+        if mask is not None:
+            new_mask = _extend_mask(emit, mask, tokens)
+        elif causal:
+            # is_causal is top-left aligned: query i sees keys 0..i; the prefix columns are seen by all
+            tq = emit(aten.sym_size.int, q, 2)
+            tk = emit(aten.sym_size.int, k, 2)
+            tri = emit(aten.tril.default, emit(aten.new_ones.default, q, [tq, tk], dtype=torch.bool))
+            seen = emit(aten.new_ones.default, q, [tq, tokens], dtype=torch.bool)
+            new_mask = emit(aten.cat.default, [seen, tri], 1)
+        else:
+            new_mask = None
+    kwargs = {"scale": a["scale"]} if a["scale"] is not None else {}
+    if a["enable_gqa"]:
+        kwargs["enable_gqa"] = True
+    sdpa.args = (q, new_k, new_v, new_mask, a["dropout_p"], False)
+    sdpa.kwargs = kwargs
+
+
+def _extend_mask(emit: Emit, mask: Node, tokens: int) -> Node:
+    """[visible × P, mask] along the last axis: True for a bool mask, 0 for an additive float mask."""
+    val = mask.meta.get("val")
+    is_bool = val is None or val.dtype == torch.bool
+    ndim = val.dim() if val is not None else 4
+    first = emit(aten.slice.Tensor, mask, ndim - 1, 0, 1)
+    fill = emit(aten.full_like.default, first, True if is_bool else 0.0)
+    cols = emit(aten.expand.default, fill, [-1] * (ndim - 1) + [tokens])
+    return emit(aten.cat.default, [cols, mask], ndim - 1)
+
+
+def attention_sites(ctx: CompileContext) -> list[AttentionSite]:
+    """Every SDPA call in graph order, with the key heads it receives and those its k projection makes."""
+    gm, sites = ctx.gm, ctx.sites
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in ATTENTION_OPS:
+            continue
+        k = sdpa_args(node)["key"]
+        val = k.meta.get("val") if isinstance(k, Node) else None
+        if val is None or val.dim() != 4:
+            raise PassError(f"cannot read the key shape of attention {node.name}")
+        heads, head_dim = int(val.shape[1]), int(val.shape[3])
+        path = module_path(node) or node.name
+        kv_features = _key_features(k, sites)
+        kv_heads = heads
+        if kv_features and kv_features % head_dim == 0 and heads % (kv_features // head_dim) == 0:
+            kv_heads = kv_features // head_dim
+        found.append(AttentionSite(node.name, path, layer_of(path), heads, kv_heads, head_dim))
+    return found
+
+
+def _key_features(k: Node, sites) -> int | None:
+    """Output features computing the keys: the k projection's, or the k slice of a fused one."""
+    seen, frontier = set(), [k]
+    while frontier:
+        node = frontier.pop()
+        if not isinstance(node, Node) or node in seen:
+            continue
+        seen.add(node)
+        site = sites.by_node.get(node.name)
+        if site is not None:
+            if site.slices and "k" in site.slices:
+                return len(site.slices["k"])
+            if site.role == "k":
+                return site.out_features
+            continue
+        frontier.extend(node.all_input_nodes)
+    return None
