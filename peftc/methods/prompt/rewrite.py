@@ -86,17 +86,8 @@ class PromptPass(Pass):
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         tokens, text = statement.options["tokens"], statement.options.get("init")
-        earlier = [r for r in ctx.records if r.method == "prompt"]
-        if earlier:
-            first = ctx.spec.statements[earlier[0].statement]
-            raise SpecError.at(statement.span, f"a spec takes one prompt statement; line {first.span.line} "
-                               "already has one", ctx.spec.source)
+        placeholders, embed = self._inputs(ctx, statement)
         gm, graph = ctx.gm, ctx.gm.graph
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        embed = _token_embedding(gm, ctx.sites.embed, placeholders[0] if placeholders else None)
-        if len(placeholders) != 2 or embed is None:
-            raise SpecError.at(statement.span, "prompt needs a model whose graph looks up a token embedding "
-                               "with input_ids; this one has none", ctx.spec.source)
         weight = gm.get_parameter(embed.args[0].target) if embed.args[0].op == "get_attr" else None
         dim = int(weight.shape[1])
         check_allocation(statement, ctx.spec.source, tokens * dim, f"in a {tokens:,} × {dim} soft prompt",
@@ -114,18 +105,7 @@ class PromptPass(Pass):
             inserted.append(ctx.tag(node, self.keyword, statement, index))
             return node
 
-        # 1. pad the inputs on the left: every reader but the input guard sees P + T positions
-        ids, mask = placeholders
-        with graph.inserting_before(placeholders[-1].next):
-            padded = {}
-            for node, value in ((mask, 1), (ids, 0)):
-                first = emit(aten.slice.Tensor, node, 1, 0, 1)
-                fill = emit(aten.full_like.default, first, value)
-                cols = emit(aten.expand.default, fill, [-1, tokens])
-                padded[node] = emit(aten.cat.default, [cols, node], 1)
-        for node, new in padded.items():
-            keep = set(inserted)
-            node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in keep and u.op != "call_module")
+        _pad_inputs(graph, emit, inserted, placeholders, tokens)   # 1. every reader sees P + T positions
         # 2. the prompt replaces the embeddings of the P padding positions
         with graph.inserting_before(embed.next):
             prompt = graph.get_attr(f"{record.module}.embedding")
@@ -149,6 +129,22 @@ class PromptPass(Pass):
         return PassResult(gm, modified=True)
 
     @staticmethod
+    def _inputs(ctx: CompileContext, statement) -> tuple[list[Node], Node]:
+        """The graph's (input_ids, attention_mask) placeholders and the token embedding lookup, once the
+        spec is checked to hold one prompt statement and the model to have what it rewrites."""
+        earlier = [r for r in ctx.records if r.method == "prompt"]
+        if earlier:
+            first = ctx.spec.statements[earlier[0].statement]
+            raise SpecError.at(statement.span, f"a spec takes one prompt statement; line {first.span.line} "
+                               "already has one", ctx.spec.source)
+        placeholders = [n for n in ctx.gm.graph.nodes if n.op == "placeholder"]
+        embed = _token_embedding(ctx.gm, ctx.sites.embed, placeholders[0] if placeholders else None)
+        if len(placeholders) != 2 or embed is None:
+            raise SpecError.at(statement.span, "prompt needs a model whose graph looks up a token embedding "
+                               "with input_ids; this one has none", ctx.spec.source)
+        return placeholders, embed
+
+    @staticmethod
     def _text_init(ctx: CompileContext, statement, text: str, tokens: int, weight: torch.Tensor):
         ref = ctx.model_ref
         where = statement.option_spans.get("init", statement.span)
@@ -165,6 +161,22 @@ class PromptPass(Pass):
             raise SpecError.at(where, f"the tokenizer of '{ref}' gives token id {int(ids.max())}, beyond the "
                                f"embedding's {weight.shape[0]} rows", ctx.spec.source)
         return weight.detach()[ids].to(torch.float32)
+
+
+def _pad_inputs(graph, emit, inserted: list[Node], placeholders: list[Node], tokens: int) -> None:
+    """Pad ``input_ids`` and ``attention_mask`` on the left with ``tokens`` positions (token 0, mask 1)
+    for every reader but the nodes inserted so far and the input guard (a call_module)."""
+    ids, mask = placeholders
+    with graph.inserting_before(placeholders[-1].next):
+        padded = {}
+        for node, value in ((mask, 1), (ids, 0)):
+            first = emit(aten.slice.Tensor, node, 1, 0, 1)
+            fill = emit(aten.full_like.default, first, value)
+            cols = emit(aten.expand.default, fill, [-1, tokens])
+            padded[node] = emit(aten.cat.default, [cols, node], 1)
+    for node, new in padded.items():
+        keep = set(inserted)
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in keep and u.op != "call_module")
 
 
 def _token_embedding(gm: GraphModule, target: str | None, ids: Node | None) -> Node | None:
