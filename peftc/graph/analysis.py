@@ -139,6 +139,7 @@ def _linear_site(node: Node, gm: GraphModule) -> LinearSite | None:
 
 
 def analyze(gm: GraphModule) -> ModelSites:
+    """The linears of a captured graph with their roles and fused slices, its layers and token embedding."""
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}      # graph order, for every choice made from a set
     sites = [s for s in (_linear_site(n, gm) for n in nodes if n.op == "call_function") if s is not None]
@@ -148,16 +149,7 @@ def analyze(gm: GraphModule) -> ModelSites:
     stops = set(linear_nodes) | {n for n in nodes if n.op == "call_function"
                                  and (n.target in ATTENTION_OPS or n.target is aten.embedding.default)}
     stops |= {a.output for a in attentions} | {a.scores for a in attentions}
-    forward = nx.DiGraph()
-    backward = nx.DiGraph()
-    for n in nodes:
-        forward.add_node(n)
-        backward.add_node(n)
-        for user in n.users:
-            if n not in stops:
-                forward.add_edge(n, user)
-            if user not in stops:
-                backward.add_edge(n, user)
+    forward, backward = _flow(nodes, stops)
 
     def reach(start: Node) -> set[Node]:
         out: set[Node] = set()
@@ -202,6 +194,22 @@ def analyze(gm: GraphModule) -> ModelSites:
     embed, embed_path = _token_embedding(nodes)
     return ModelSites(linears=sites, n_layers=n_layers, embed=embed, embed_path=embed_path,
                       attention_count=len(attentions), by_node=by_node)
+
+
+def _flow(nodes: list[Node], stops: set[Node]) -> tuple[nx.DiGraph, nx.DiGraph]:
+    """The dataflow between nodes, cut at ``stops`` (linears, attentions, embeddings): ``forward`` has no
+    edge out of a stop (what a node reaches before the next stop), ``backward`` none into one (what feeds a
+    node since the last stop)."""
+    forward, backward = nx.DiGraph(), nx.DiGraph()
+    for n in nodes:
+        forward.add_node(n)
+        backward.add_node(n)
+        for user in n.users:
+            if n not in stops:
+                forward.add_edge(n, user)
+            if user not in stops:
+                backward.add_edge(n, user)
+    return forward, backward
 
 
 @dataclass
