@@ -80,33 +80,8 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
     import onnx
     path = Path(path)
     module = tensor_output(module)
-    config = getattr(module, "config", None)
-    ids, mask = example_inputs(vocab=min(getattr(config, "vocab_size", 32) or 32, 32))
     seconds: dict[str, float] = {}
-    graph_module = getattr(module, "graph_module", None)
-    blockers = onnx_blockers(graph_module) if graph_module is not None else []
-    if blockers:
-        raise ExportError(f"cannot export {path}: {blockers[0]}" + (f" (and {len(blockers) - 1} more)"
-                                                                     if len(blockers) > 1 else ""))
-    was_training = module.training
-    module.eval()
-    try:
-        start = time.perf_counter()
-        ep = _reuse_capture(module)
-        if ep is None:
-            with torch.no_grad():
-                ep = _capture(module, ids, mask, dynamic_shapes(_max_sequence(module, config)))
-            seconds["capture"] = time.perf_counter() - start
-        else:
-            seconds["reuse_capture"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with quiet():
-            program, route = _convert(ep, (ids, mask))
-        seconds["convert"] = time.perf_counter() - start
-    except Exception as exc:
-        raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
-    finally:
-        module.train(was_training)
+    program, route = _to_onnx(module, path, seconds)
     start = time.perf_counter()
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     use_external = size > 1 << 30 if external_data is None else external_data
@@ -145,6 +120,39 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
         finally:
             tmp_data.unlink(missing_ok=True)
     return result
+
+
+def _to_onnx(module: torch.nn.Module, path: Path, seconds: dict[str, float]):
+    """(the ONNX program, the route taken) for ``module`` in eval mode (its mode restored after): its
+    capture reused or made with dynamic batch and sequence axes, then converted. The times go in
+    ``seconds``; a graph ONNX cannot hold, or any failure, is an ExportError."""
+    config = getattr(module, "config", None)
+    ids, mask = example_inputs(vocab=min(getattr(config, "vocab_size", 32) or 32, 32))
+    graph_module = getattr(module, "graph_module", None)
+    blockers = onnx_blockers(graph_module) if graph_module is not None else []
+    if blockers:
+        raise ExportError(f"cannot export {path}: {blockers[0]}" + (f" (and {len(blockers) - 1} more)"
+                                                                     if len(blockers) > 1 else ""))
+    was_training = module.training
+    module.eval()
+    try:
+        start = time.perf_counter()
+        ep = _reuse_capture(module)
+        if ep is None:
+            with torch.no_grad():
+                ep = _capture(module, ids, mask, dynamic_shapes(_max_sequence(module, config)))
+            seconds["capture"] = time.perf_counter() - start
+        else:
+            seconds["reuse_capture"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with quiet():
+            program, route = _convert(ep, (ids, mask))
+        seconds["convert"] = time.perf_counter() - start
+    except Exception as exc:
+        raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
+    finally:
+        module.train(was_training)
+    return program, route
 
 
 class TensorOutput(torch.nn.Module):
