@@ -1,7 +1,8 @@
-"""The spec IR and the front end that builds it: spec text ──lark──▶ Spec.
+"""The front end: spec text ──lark──▶ Spec (the IR, in :mod:`peftc.lang.ir`; its names are importable
+from here too).
 
 A file is cut into statements at newlines and ';' outside "strings", /regexes/ and comments. Each piece
-is parsed on its own with grammar/peft.lark and checked against the declarations in peftc/methods.py,
+is parsed on its own with peft.lark and checked against the declarations in peftc/lang/options.py,
 so that every mistake in a file is reported, in source order, in one SpecError."""
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import functools
 import importlib.resources
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +17,8 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
 from peftc.lang.diagnostics import Diagnostic, Span, SpecError, did_you_mean, visible
-from peftc.lang.options import ESCAPES, METHODS, TYPE_WORDS, MethodSpec, OptionSpec, quote
+from peftc.lang.ir import LayerSelection, Options, Spec, Statement, Target  # noqa: F401  (the IR, importable here)
+from peftc.lang.options import ESCAPES, METHODS, TYPE_WORDS, MethodSpec, OptionSpec, quote  # noqa: F401  (quote too)
 
 GRAMMAR = "peft.lark"
 #: the largest finite float32: a float option must fit the tensors it ends up in
@@ -35,90 +35,6 @@ def grammar_text() -> str:
 def _parser() -> Lark:
     return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
-
-# ── the IR: spans (and other records of how a thing was written) take no part in equality ──────────
-
-class Options(Mapping):
-    """A read-only, hashable mapping that, unlike MappingProxyType, pickles and deep-copies (a
-    CompiledModel holds its Spec)."""
-
-    def __init__(self, items: Mapping[str, Any]):
-        self._items = dict(items)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(tuple(self._items.items()))
-
-    def __repr__(self) -> str:
-        return repr(self._items)
-
-
-@dataclass(frozen=True)
-class Target:
-    kind: str                                   # "role" | "glob" | "regex"
-    value: str                                  # role word, glob text (unescaped), or regex as written
-    span: Span = field(compare=False)
-
-    def __str__(self) -> str:
-        return {"role": self.value, "glob": quote(self.value), "regex": f"/{self.value}/"}[self.kind]
-
-
-@dataclass(frozen=True)
-class LayerSelection:
-    """``layers=0..3,8`` as written: inclusive ``(first, last)`` parts, a single index ``i`` as ``(i, i)``."""
-    parts: tuple[tuple[int, int], ...]
-
-    def contains(self, index: int) -> bool:
-        return any(first <= index <= last for first, last in self.parts)
-
-    def indices(self, n_layers: int) -> tuple[int, ...]:
-        """The selected indices below ``n_layers``, ascending."""
-        return tuple(i for i in range(n_layers) if self.contains(i))
-
-    def __str__(self) -> str:
-        return ",".join(str(a) if a == b else f"{a}..{b}" for a, b in self.parts)
-
-
-@dataclass(frozen=True)
-class Statement:
-    method: str
-    leading: str | None
-    targets: tuple[Target, ...]
-    options: Mapping[str, Any]                  # every declared option, defaults filled in
-    explicit: frozenset[str] = field(compare=False)        # the options the user wrote
-    option_spans: Mapping[str, Span] = field(compare=False)  # key=value span of each written option
-    span: Span = field(compare=False)
-
-    def __str__(self) -> str:
-        """Normalized: targets joined by ', ', then every option that is not None, in declaration order."""
-        spec = METHODS[self.method]
-        words = [self.method, *([self.leading] if self.leading else [])]
-        words += [", ".join(str(t) for t in self.targets)] if self.targets else []
-        words += [f"{o.name}={o.format(self.options[o.name])}" for o in spec.options
-                  if self.options[o.name] is not None]
-        return " ".join(words)
-
-
-@dataclass(frozen=True)
-class Spec:
-    statements: tuple[Statement, ...]
-    source: str = field(default="", compare=False)
-    filename: str | None = field(default=None, compare=False)
-
-    def format(self) -> str:
-        """One normalized statement per line; ``parse(spec.format()) == spec``."""
-        return "".join(f"{s}\n" for s in self.statements)
-
-
-# ── the front end ──────────────────────────────────────────────────────────────────────────────────
 
 def parse(text: str, filename: str | None = None) -> Spec:
     """Parse spec text; raise SpecError listing every mistake in it. A byte-order mark at the start is
