@@ -1,27 +1,79 @@
-"""The ``train``, ``eval`` and ``generate`` commands (registered on the parser by :func:`add_commands`)."""
+"""The ``train``, ``eval`` and ``generate`` commands (registered on the parser by :func:`add_commands`).
+
+``peftc train``'s options are not written here: they are the fields of
+:class:`~peftc.training.config.TrainConfig`, whose metadata (help, flag, choices, group) this module turns
+into arguments (:func:`add_config_options`) and back (:func:`config_from_args`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+import types
+import typing
 
+from peftc.cli.rundir import read_manifest
+from peftc.compiler.compiled import compile as compile_model
 from peftc.errors import PeftcError
-from peftc.models import DEFAULT_MODEL
+from peftc.fsutil import write_json
+from peftc.lang.spec import parse_file
+from peftc.models import DEFAULT_MODEL, load_model
+from peftc.training.data import load_codec, read_jsonl
+from peftc.training.generate import CachedDecoder, RecomputeDecoder, decoder_for, exact_match, greedy, \
+    onnx_logits, torch_logits
+from peftc.training.train import TrainConfig, train
 
+
+def _value_type(hint) -> type:
+    """``int`` for ``int`` or ``int | None`` (a field's type as argparse converts it)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)]
+        if len(kinds) != 1:
+            raise TypeError(f"an option must have one type, not {hint}")
+        return kinds[0]
+    return hint
+
+
+def add_config_options(p: argparse.ArgumentParser, config_class=TrainConfig) -> None:
+    """One argument per field of ``config_class``, as its metadata says (see :mod:`peftc.training.config`):
+    the flag is ``--field-name`` unless ``flag`` names another (``None``: positional); a bool is a switch
+    (``negate``: one that turns the field off); a field without a default is required."""
+    hints = typing.get_type_hints(config_class)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in dataclasses.fields(config_class):
+        meta = f.metadata
+        target = p
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = p.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        kwargs = {"help": meta.get("help")}
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if flag is None:
+            target.add_argument(f.name, **kwargs)
+            continue
+        kwargs["dest"] = f.name
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        kind = _value_type(hints[f.name])
+        if kind is bool:
+            kwargs["action"] = "store_false" if meta.get("negate") else "store_true"
+        else:
+            kwargs["type"] = kind
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+        target.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, config_class=TrainConfig):
+    """The ``config_class`` the parsed ``args`` describe (every field by its name)."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
 
 
 def cmd_train(args) -> int:
-    from peftc.training.train import TrainConfig, train
-    config = TrainConfig(spec=args.spec, data=args.data, out=args.out, model=args.model, steps=args.steps,
-                         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
-                         max_grad_norm=args.max_grad_norm, max_length=args.max_length, seed=args.seed,
-                         eval_split=args.eval_split, eval_every=args.eval_every, save_every=args.save_every,
-                         keep=args.keep, log_every=args.log_every, resume=args.resume, overwrite=args.overwrite,
-                         chat=args.chat,
-                         torch_compile=args.torch_compile, device=args.device, threads=args.threads,
-                         progress=not args.no_progress)
-    result = train(config)
+    result = train(config_from_args(args))
     if not result.main:
         return 0
     summary = (f"trained {result.steps} steps: loss {result.loss:.4f}" if result.loss is not None
@@ -37,16 +89,12 @@ def cmd_train(args) -> int:
 def load_decoder(args):
     """(decoder, model reference, description) for ``eval``/``generate``: an ONNX file, a trained
     directory (adapter merged, KV-cache decoding when it folds), or the base model."""
-    from peftc.training.generate import CachedDecoder, RecomputeDecoder, decoder_for, onnx_logits, torch_logits
-    from peftc.cli.rundir import read_manifest
     directory, manifest, ref = read_manifest(args) if args.dir else (None, {}, args.model or DEFAULT_MODEL)
     if args.onnx:
         if directory:
             raise PeftcError("give a trained directory or --onnx, not both")
         return RecomputeDecoder(onnx_logits(args.onnx), "onnxruntime"), ref, f"{args.onnx} (ONNX Runtime)"
-    from peftc.compiler.compiled import compile as compile_model
     if directory:
-        from peftc.lang.spec import parse_file
         print(f"loading {ref} with the adapter in {directory} ...", file=sys.stderr, flush=True)
         model = compile_model(ref, parse_file(directory / manifest["spec"]))
         model.load_adapter(directory)
@@ -55,7 +103,6 @@ def load_decoder(args):
         print(f"loading {ref} (no adapter) ...", file=sys.stderr, flush=True)
         what = f"{ref} (base model, no adapter)"
         if not args.recompute:
-            from peftc.models import load_model
             base = load_model(ref)
             if getattr(base, "can_generate", lambda: False)():
                 return CachedDecoder(base), ref, what
@@ -68,8 +115,6 @@ def load_decoder(args):
 
 
 def cmd_eval(args) -> int:
-    from peftc.training.data import load_codec, read_jsonl
-    from peftc.training.generate import exact_match
     records = read_jsonl(args.data)
     if args.limit:
         records = records[:args.limit]
@@ -83,7 +128,6 @@ def cmd_eval(args) -> int:
         print(f"{'ok ' if ok else 'BAD'} {record.prompt!r} -> {text!r} (expected {record.completion.strip()!r})")
     print(f"{what} on {args.data}: {result.summary()}")
     if args.json:
-        from peftc.fsutil import write_json
         write_json(args.json, {"model": ref, "what": what, "data": args.data, "correct": result.correct,
                                "total": result.total, "accuracy": result.accuracy, "seconds": result.seconds,
                                "decoder": result.decoder,
@@ -93,8 +137,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from peftc.training.data import load_codec
-    from peftc.training.generate import greedy
     decoder, ref, _ = load_decoder(args)
     codec = load_codec(ref)
     prompts = [p.encode("utf-8").decode("unicode_escape") if args.escapes else p for p in args.prompt]
@@ -125,41 +167,7 @@ def add_commands(sub) -> None:
                        description="Train the parameters a spec inserts on JSONL data: one object a line, with "
                                    "'text' (loss on every token) or 'prompt' and 'completion' (loss on the completion). "
                                    "Under torchrun, trains with DDP; rank 0 writes.")
-    p.add_argument("spec")
-    p.add_argument("--data", required=True, help="JSONL training data")
-    p.add_argument("--out", required=True, help="directory for the adapter, checkpoints, train.log and loss.png; "
-                                                "a non-empty one needs --resume or --overwrite")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the training data")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch and process (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
-    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="cosine",
-                   help="learning-rate schedule after warm-up (default cosine, to 0 at the last step)")
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up (default 0)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off; default 1)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per example, truncated on the right")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and dropout")
-    p.add_argument("--eval-split", type=float, default=0.0,
-                   help="records held out for eval loss: a fraction below 1 or a count (default none)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between eval-loss measurements (0: at the end)")
-    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default 50; 0: at the end)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between lines of train.log (default 10)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in --out (every option that shapes the result "
-                        "must be as before)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out; the old run stays whole until the new one has "
-                        "finished (it trains in .OUT.overwrite beside --out and is then swapped in)")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    p.add_argument("--torch-compile", action="store_true", help="run the model through torch.compile")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="greedy-decode each prompt of a JSONL file; report exact match")

@@ -71,7 +71,7 @@ class TrainConfig:
     eval_split: float = option(0.0, "records held out for eval loss: a fraction below 1 or a count "
                                     "(default none)")
     eval_every: int = option(0, "steps between eval-loss measurements (0: only at the end; default %(default)s)")
-    save_every: int = option(0, "steps between checkpoints (0: only at the end; default %(default)s)")
+    save_every: int = option(50, "steps between checkpoints (0: only at the end; default %(default)s)")
     keep: int = option(2, "checkpoints kept (default %(default)s)")
     log_every: int = option(10, "steps between lines of train.log (default %(default)s)")
     resume: bool = option(False, "continue from the last checkpoint in --out (every option that shapes the "
