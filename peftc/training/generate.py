@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 
+from peftc.export.onnx import providers
 from peftc.graph.capture import strip_prefix
+from peftc.models import load_model
 from peftc.training.data import Codec, Record
 from peftc.errors import PeftcError
 
@@ -73,7 +75,6 @@ def torch_logits(model: torch.nn.Module) -> Callable:
 def onnx_logits(path: str | Path) -> Callable:
     """A logits function backed by an ONNX Runtime session on an exported model."""
     import onnxruntime as ort
-    from peftc.export.onnx import providers
     path = Path(path)
     if not path.is_file():
         raise PeftcError(f"ONNX file '{path}' does not exist")
@@ -88,7 +89,6 @@ def onnx_logits(path: str | Path) -> Callable:
 
 def hf_from_merged(merged) -> torch.nn.Module:
     """A fresh transformers model of ``merged.model_ref`` holding the merged CompiledModel's weights."""
-    from peftc.models import load_model
     if merged.records:
         raise PeftcError("the model still has unfolded adapters")
     hf = load_model(merged.model_ref)
