@@ -10,7 +10,7 @@ from peftc.errors import AdapterError, ExportError, ModelError, PassError, Peftc
 from peftc.export import targets as _targets
 from peftc.export.onnx import export_onnx
 from peftc.graph import capture as _capture
-from peftc.interop.hf_peft import load_hf_peft
+from peftc.interop.hf_load import load_hf_peft
 from peftc.lang.diagnostics import SpecError
 from peftc.lang.spec import parse, parse_file
 from peftc.models import DEFAULT_MODEL, load_model, load_tokenizer

@@ -83,7 +83,6 @@ def layer_of(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_layer_of = layer_of   # the name peftc.graph.draw imports
 
 
 def _attr(node) -> str | None:

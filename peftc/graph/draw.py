@@ -7,7 +7,7 @@ from html import escape
 import networkx as nx
 from torch.fx import GraphModule, Node
 
-from peftc.graph.analysis import _layer_of
+from peftc.graph.analysis import layer_of
 from peftc.graph.capture import module_path
 from peftc.compiler.passmanager import META_KEY
 
@@ -18,7 +18,7 @@ SKIP_OPS = {"get_attr", "placeholder", "output"}
 def block_nodes(gm: GraphModule, layer: int) -> list[Node]:
     """The call nodes of ``layer`` (by module path), plus inserted nodes connected to them."""
     nodes = [n for n in gm.graph.nodes if n.op not in SKIP_OPS]
-    chosen = {n for n in nodes if META_KEY not in n.meta and _layer_of(module_path(n) or "") == layer}
+    chosen = {n for n in nodes if META_KEY not in n.meta and layer_of(module_path(n) or "") == layer}
     grew = True
     while grew:
         grew = False

@@ -86,7 +86,7 @@ def save_hf_peft(model, directory: str | Path) -> Path:
 
 def read_adapter(directory: str | Path) -> tuple[dict, Format]:
     """The config of an HF PEFT adapter directory and the format it is in, every field that format reads
-    checked. The one validation of a directory's config: :func:`load_hf_peft` and :func:`load_adapter_weights`
+    checked. The one validation of a directory's config: ``load_hf_peft`` and :func:`load_adapter_weights`
     (``CompiledModel.load_adapter``, ``peftc export``) both read through it."""
     config = read_config(directory)
     path = Path(directory) / CONFIG
@@ -107,19 +107,6 @@ def load_adapter_weights(model, directory: str | Path) -> None:
         raise AdapterError(f"{path} holds a {fmt.peft_type} adapter; the compiled model has no "
                            f"'{fmt.method}' statement")
     fmt.load(model, records, config, read_tensors(path), path)
-
-
-def load_hf_peft(model, directory: str | Path):
-    """Compile ``model`` (a transformers model or a reference) with the adapter an HF PEFT directory
-    describes, and load its weights. Returns a CompiledModel."""
-    from peftc.compiler.compiled import compile_prepared, prepare
-    config, _ = read_adapter(directory)
-    fmt = _format_of(config, Path(directory) / CONFIG)
-    prepared = prepare(model)
-    text = fmt.spec_text(config, prepared.sites)
-    compiled = compile_prepared(prepared, text, filename=f"<spec from {Path(directory) / CONFIG}>")
-    load_adapter_weights(compiled, directory)
-    return compiled
 
 
 def _format_of(config: dict, path: Path) -> Format:
