@@ -52,7 +52,7 @@ def test_statement_without_a_pass_is_not_supported_yet(tiny, monkeypatch):
 def test_failing_pass_is_reported_with_name_span_and_history(tiny, monkeypatch):
     class Broken(passmanager.Pass):
         keyword = "lora"
-        rank = 60
+        phase = "low-rank"
 
         def run(self, ctx, statement, index):
             raise RuntimeError("boom")

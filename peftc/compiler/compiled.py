@@ -15,7 +15,7 @@ from peftc.graph.capture import capture, deepcopy_quietly
 from peftc.compiler.memory import WeightBytes
 from peftc.models import load_model
 import peftc.methods  # noqa: F401  (registers every method's pass and HF PEFT format)
-from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager, load_passes
+from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager
 from peftc.errors import AdapterError
 from peftc.interop.adapter_file import FILE, load_adapter, save_adapter
 from peftc.interop.hf_peft import CONFIG, WEIGHTS, format_for, load_adapter_weights, save_hf_peft
@@ -134,7 +134,7 @@ class CompiledModel(nn.Module):
         out = {}
         for record in self.records:
             for name, param in record.parameters(self.graph_module).items():
-                out[f"{getattr(record, 'key', record.site.path)}.{name}"] = param
+                out[f"{record.key}.{name}"] = param
         return out
 
     def report(self) -> "Report":
@@ -152,17 +152,15 @@ class CompiledModel(nn.Module):
     # --- fold and interchange ----------------------------------------------------------------------
     def merge(self) -> "CompiledModel":
         """A copy with every foldable adapter folded into the base weights (checked for NaN/inf first)."""
-        registry = load_passes()
         gm = deepcopy_quietly(self.graph_module)
         kept, folded = [], []
-        # records fold in the order the passes ran: a quantized base (quant, rank 40) turns back into the
+        # records fold in the order the passes ran: a quantized base (phase quantize) turns back into the
         # float linear dequant(W) before the LoRA on it (rank 60) is added to that weight
         for record in self.records:
-            fold = getattr(registry[record.method], "fold", None)
-            if fold is None or not getattr(record, "foldable", True):   # e.g. a prefix stays a graph op
+            if not record.foldable:          # e.g. a prefix stays a graph op, an adapter a branch
                 kept.append(record)
                 continue
-            fold(gm, record)
+            record.fold(gm)
             folded.append(record)
         gm.graph.lint()
         gm.recompile()

@@ -65,12 +65,37 @@ class CompileContext:
         self.gm.add_submodule(name, module)
         return name
 
+    def module_name(self, method: str) -> str:
+        """A fresh attribute name for the next submodule ``method`` inserts: ``peftc_lora_3``."""
+        return f"peftc_{method}_{sum(r.method == method for r in self.records)}"
+
+    def refuse_reclaim(self, statement, earlier, claim: str, already: str = "already does", *,
+                       joiner: str = "; ", note: str = "") -> None:
+        """Stop a statement that claims what the ``earlier`` record's statement claimed: a located error
+        naming both lines, ``this <method> statement <claim>; line L (column C) <already>``."""
+        first = self.spec.statements[earlier.statement]
+        raise SpecError.at(statement.span, f"this {statement.method} statement {claim}{joiner}line "
+                           f"{first.span.line} (column {first.span.column}{note}) {already}", self.spec.source)
+
+
+#: The phases passes run in, each after the ones before it; statements of one phase run in spec order.
+PHASES = (
+    "own-weights",    # full: trainable copies of whole weights (and biases), kept in full precision
+    "quantize",       # quant: store the other frozen linears quantized; later passes build on them
+    "own-biases",     # bitfit: trainable biases, of the weights as they now are
+    "low-rank",       # lora: a branch added to a linear's output
+    "scale",          # ia3: a scale on the output as lora left it (or on a down projection's input)
+    "adapters",       # adapter: a module after a sublayer's (adapted, scaled) output
+    "attention",      # prefix: rewrites only the attention calls, whatever the linears became
+    "inputs",         # prompt: last, it pads the inputs and cuts the output
+)
+
 
 class Pass:
-    """Base class of rewrite passes; subclasses set ``keyword`` and implement ``run``."""
+    """Base class of rewrite passes; subclasses set ``keyword`` and ``phase`` and implement ``run``."""
     keyword: ClassVar[str]
-    #: lower runs earlier; passes of equal rank run in spec order
-    rank: ClassVar[int] = 50
+    #: one of :data:`PHASES`: where the pass runs among the others
+    phase: ClassVar[str]
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         raise PassError(f"pass {type(self).__name__} does not implement run()")
@@ -82,6 +107,8 @@ REGISTRY: dict[str, type[Pass]] = {}
 def register(cls: type[Pass]) -> type[Pass]:
     if cls.keyword in REGISTRY:
         raise PassError(f"two passes registered for '{cls.keyword}'")
+    if cls.phase not in PHASES:
+        raise PassError(f"pass '{cls.keyword}' names phase '{cls.phase}', not one of {', '.join(PHASES)}")
     REGISTRY[cls.keyword] = cls
     return cls
 
@@ -93,11 +120,11 @@ def load_passes() -> dict[str, type[Pass]]:
 
 
 def order(statements) -> list[tuple[int, Any]]:
-    """Deterministic order: by pass rank, then by position in the spec."""
+    """Deterministic order: by the pass's phase, then by position in the spec."""
     registry = load_passes()
     indexed = list(enumerate(statements))
-    return sorted(indexed, key=lambda item: (registry[item[1].method].rank
-                                             if item[1].method in registry else 100, item[0]))
+    return sorted(indexed, key=lambda item: (PHASES.index(registry[item[1].method].phase)
+                                             if item[1].method in registry else len(PHASES), item[0]))
 
 
 class PassManager:

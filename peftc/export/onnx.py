@@ -188,7 +188,7 @@ def tensor_output(module: torch.nn.Module) -> torch.nn.Module:
 def _max_sequence(module, config) -> int:
     """The longest input: the model's positions, less those a soft prompt takes (a record's ``positions``)."""
     limit = max_positions(config) if config else 8192
-    return limit - sum(getattr(r, "positions", 0) for r in getattr(module, "records", ()))
+    return limit - sum(r.positions for r in getattr(module, "records", ()))
 
 
 def _reuse_capture(module) -> torch.export.ExportedProgram | None:

@@ -4,13 +4,14 @@ a linear without a bias gets a zero one when a method needs it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from peftc.compiler.record import Record
 from peftc.graph.analysis import LinearSite, weight_of
-from peftc.lang.diagnostics import SpecError
 from peftc.errors import PassError
 from peftc.quant.rewrite import is_quantized, set_bias
 
@@ -18,7 +19,7 @@ aten = torch.ops.aten
 
 
 @dataclass
-class OwnedRecord:
+class OwnedRecord(Record):
     """Parameters of one linear that a method trains: ``names`` of its params (``weight``, ``bias``)."""
     statement: int
     site: LinearSite
@@ -27,13 +28,14 @@ class OwnedRecord:
     names: tuple[str, ...]
     nodes: list[str] = field(default_factory=list)
 
-    @property
-    def key(self) -> str:
-        return self.site.path
+    foldable: ClassVar[bool] = True     # merge() keeps the trained copies as the model's frozen weights
 
     def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
         owner = gm.get_submodule(self.module)
         return {name: getattr(owner, name) for name in self.names}
+
+    def fold(self, gm: GraphModule) -> None:
+        freeze(gm, self)
 
 
 def own(ctx, site: LinearSite, method: str, statement, index: int, weight: bool, bias: bool) -> OwnedRecord:
@@ -42,7 +44,7 @@ def own(ctx, site: LinearSite, method: str, statement, index: int, weight: bool,
     nodes = {n.name: n for n in graph.nodes}
     linear = nodes[site.node]
     module = nn.Module()
-    name = f"peftc_{method}_{sum(r.method == method for r in ctx.records)}"
+    name = ctx.module_name(method)
     record = OwnedRecord(index, site, name, method, tuple(n for n, want in (("weight", weight), ("bias", bias))
                                                           if want))
     inserted: list[Node] = []
@@ -102,8 +104,6 @@ def check_overlap(ctx, statement, sites: list[LinearSite], method: str, what: st
     """Two statements owning the same parameter of a linear are an error naming both lines."""
     for site in sites:
         for record in ctx.records:
-            if getattr(record, "names", None) and record.site.node == site.node and set(record.names) & set(what):
-                first = ctx.spec.statements[record.statement]
-                raise SpecError.at(statement.span, f"this {method} statement trains the {'/'.join(what)} of "
-                                   f"{site.path}, which line {first.span.line} (column {first.span.column}, "
-                                   f"{record.method}) already trains", ctx.spec.source)
+            if isinstance(record, OwnedRecord) and record.site.node == site.node and set(record.names) & set(what):
+                ctx.refuse_reclaim(statement, record, f"trains the {'/'.join(what)} of {site.path}",
+                                   "already trains", joiner=", which ", note=f", {record.method}")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.compiler.record import Record
 from peftc.graph.analysis import LinearSite, input_of
 from peftc.lang.diagnostics import SpecError, check_allocation
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
@@ -33,7 +34,7 @@ class BottleneckAdapter(nn.Module):
 
 
 @dataclass
-class AdapterRecord:
+class AdapterRecord(Record):
     statement: int
     site: LinearSite            # the projection whose output is adapted (o or down)
     module: str
@@ -60,7 +61,7 @@ def _by_layer(sites: list[LinearSite], roles) -> dict[int, LinearSite]:
 @register
 class AdapterPass(Pass):
     keyword = "adapter"
-    rank = 80          # after lora and ia3: the adapter sees the adapted sublayer output
+    phase = "adapters"
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         opts = statement.options
@@ -88,7 +89,7 @@ class AdapterPass(Pass):
                                        f"of layer {layer}, and no {'/'.join(in_roles)} projection was found there",
                                        ctx.spec.source)
                 _check_overlap(ctx, statement, site)
-                record = AdapterRecord(index, site, f"peftc_adapter_{sum(r.method == 'adapter' for r in ctx.records)}",
+                record = AdapterRecord(index, site, ctx.module_name("adapter"),
                                        after)
                 ctx.add_module(record.module, BottleneckAdapter(site.out_features, opts["bottleneck"]))
                 nodes = {n.name: n for n in graph.nodes}
@@ -114,8 +115,5 @@ class AdapterPass(Pass):
 def _check_overlap(ctx: CompileContext, statement, site: LinearSite) -> None:
     for record in ctx.records:
         if record.method == "adapter" and record.site.node == site.node:
-            first = ctx.spec.statements[record.statement]
-            raise SpecError.at(statement.span, f"this adapter statement adds a second adapter after {site.path}; "
-                               f"line {first.span.line} (column {first.span.column}) already adds one",
-                               ctx.spec.source)
+            ctx.refuse_reclaim(statement, record, f"adds a second adapter after {site.path}", "already adds one")
 

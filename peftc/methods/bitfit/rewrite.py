@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from peftc.graph.owned import check_overlap, freeze, own
+from peftc.graph.owned import check_overlap, own
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
 from peftc.graph.targets import select_linears
 from peftc.lang.spec import Target
@@ -14,7 +14,7 @@ from peftc.lang.spec import Target
 @register
 class BitfitPass(Pass):
     keyword = "bitfit"
-    rank = 50
+    phase = "own-biases"
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         if not statement.targets:
@@ -24,5 +24,3 @@ class BitfitPass(Pass):
         for site in sites:
             ctx.records.append(own(ctx, site, self.keyword, statement, index, weight=False, bias=True))
         return PassResult(ctx.gm, modified=True)
-
-    fold = staticmethod(freeze)

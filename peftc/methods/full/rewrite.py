@@ -3,7 +3,7 @@ The compiled model trains its own copies (a head tied to the embedding is untied
 merging freezes them in place."""
 from __future__ import annotations
 
-from peftc.graph.owned import check_overlap, freeze, own
+from peftc.graph.owned import check_overlap, own
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
 from peftc.graph.targets import select_linears
 
@@ -11,7 +11,7 @@ from peftc.graph.targets import select_linears
 @register
 class FullPass(Pass):
     keyword = "full"
-    rank = 48
+    phase = "own-weights"
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         sites = select_linears(statement, ctx.sites, ctx.spec)
@@ -20,5 +20,3 @@ class FullPass(Pass):
             ctx.records.append(own(ctx, site, self.keyword, statement, index, weight=True,
                                    bias=site.bias is not None))
         return PassResult(ctx.gm, modified=True)
-
-    fold = staticmethod(freeze)

@@ -7,11 +7,13 @@ keep a fixed 1). ``fold`` multiplies the scales into the weight (and the bias of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.compiler.record import Record
 from peftc.graph.analysis import LinearSite, input_of, weight_of
 from peftc.lang.diagnostics import SpecError
 from peftc.errors import PassError
@@ -31,7 +33,7 @@ class Ia3Scales(nn.Module):
 
 
 @dataclass
-class Ia3Record:
+class Ia3Record(Record):
     statement: int
     site: LinearSite
     module: str
@@ -39,6 +41,7 @@ class Ia3Record:
     roles: tuple[str, ...] | None = None
     nodes: list[str] = field(default_factory=list)
     method: str = "ia3"
+    foldable: ClassVar[bool] = True
 
     @property
     def key(self) -> str:
@@ -46,6 +49,9 @@ class Ia3Record:
 
     def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
         return {"ia3_l": gm.get_submodule(self.module).ia3_l}
+
+    def fold(self, gm: GraphModule) -> None:
+        Ia3Pass.fold_site(gm, self)
 
     def full(self, gm: GraphModule) -> torch.Tensor:
         """The scale of every feature (ones outside the adapted slices)."""
@@ -73,7 +79,7 @@ class Ia3Record:
 @register
 class Ia3Pass(Pass):
     keyword = "ia3"
-    rank = 70          # after lora: the scale applies to the adapted output
+    phase = "scale"
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         selections = select(statement, ctx.sites, ctx.spec)
@@ -91,7 +97,7 @@ class Ia3Pass(Pass):
             if selection.roles is not None:
                 perm = torch.full((features,), size, dtype=torch.long)
                 perm[[i for _, f in selection.features() for i in f]] = torch.arange(size)
-            record = Ia3Record(index, site, f"peftc_ia3_{sum(r.method == 'ia3' for r in ctx.records)}",
+            record = Ia3Record(index, site, ctx.module_name("ia3"),
                                feedforward, selection.roles)
             ctx.add_module(record.module, Ia3Scales(size, perm))
             nodes = {n.name: n for n in graph.nodes}
@@ -120,7 +126,7 @@ class Ia3Pass(Pass):
         return PassResult(ctx.gm, modified=True)
 
     @staticmethod
-    def fold(gm: GraphModule, record: Ia3Record) -> None:
+    def fold_site(gm: GraphModule, record: Ia3Record) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}
         linear = nodes[record.site.node]
         l = record.full(gm)
@@ -161,7 +167,4 @@ def _check_overlap(ctx: CompileContext, statement, selections: list[Selection]) 
     for selection in selections:
         for record in (r for r in ctx.records if r.method == "ia3"):
             if selection.overlaps(Selection(record.site, record.roles)):
-                first = ctx.spec.statements[record.statement]
-                raise SpecError.at(statement.span, f"this ia3 statement scales {selection} again; "
-                                   f"line {first.span.line} (column {first.span.column}) already does",
-                                   ctx.spec.source)
+                ctx.refuse_reclaim(statement, record, f"scales {selection} again")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from peftc.compiler.record import Record
 from peftc.graph.analysis import LinearSite, input_of, weight_of
-from peftc.lang.diagnostics import SpecError, check_allocation
+from peftc.lang.diagnostics import check_allocation
 from peftc.errors import PassError
 from peftc.graph.rewrite import remove_branch, set_weight
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
@@ -105,7 +107,7 @@ class _GraphOps:
 
 
 @dataclass
-class LoraRecord:
+class LoraRecord(Record):
     statement: int
     site: LinearSite
     module: str                 # attribute name of the LoraWeights on the graph module
@@ -118,6 +120,7 @@ class LoraRecord:
     blocks: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)   # inserted nodes, in graph order; the last is the sum
     method: str = "lora"
+    foldable: ClassVar[bool] = True
 
     @property
     def scale(self) -> float:
@@ -141,6 +144,9 @@ class LoraRecord:
     def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
         weights = gm.get_submodule(self.module)
         return {"lora_A": weights.lora_A, "lora_B": weights.lora_B}
+
+    def fold(self, gm: GraphModule) -> None:
+        LoraPass.fold_site(gm, self)
 
     def factors(self, gm: GraphModule) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B_full) of the equivalent dense LoRA on the whole module: delta W = scale · B_full · A."""
@@ -176,7 +182,7 @@ class LoraRecord:
 @register
 class LoraPass(Pass):
     keyword = "lora"
-    rank = 60
+    phase = "low-rank"
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         opts = statement.options
@@ -193,7 +199,7 @@ class LoraPass(Pass):
             site = selection.site
             linear = nodes[site.node]
             x = input_of(linear, site.kind)
-            record = LoraRecord(statement=index, site=site, module=f"peftc_lora_{_count(ctx)}",
+            record = LoraRecord(statement=index, site=site, module=ctx.module_name("lora"),
                                 r=opts["r"], alpha=float(opts["alpha"]), dropout=float(opts["dropout"]),
                                 rslora=bool(opts["rslora"]), init=opts["init"], roles=selection.roles,
                                 blocks=selection.features())
@@ -232,7 +238,7 @@ class LoraPass(Pass):
         return fuse_shared_inputs(ctx)
 
     @staticmethod
-    def fold(gm: GraphModule, record: LoraRecord) -> None:
+    def fold_site(gm: GraphModule, record: LoraRecord) -> None:
         """Merge one LoRA site into its base weight and remove the branch from ``gm``."""
         nodes = {n.name: n for n in gm.graph.nodes}
         if nodes[record.down].target is aten.slice.Tensor:
@@ -302,16 +308,9 @@ def unfuse(gm: GraphModule, piece) -> None:
     gm.graph.erase_node(cat)
 
 
-def _count(ctx: CompileContext) -> int:
-    return sum(1 for r in ctx.records if r.method == "lora")
-
-
 def _check_overlap(ctx: CompileContext, statement, selections: list[Selection]) -> None:
     taken = [r for r in ctx.records if r.method == "lora"]
     for selection in selections:
         for record in taken:
             if selection.overlaps(Selection(record.site, record.roles)):
-                first = ctx.spec.statements[record.statement]
-                raise SpecError.at(statement.span, f"this lora statement adapts {selection} again; "
-                                   f"line {first.span.line} (column {first.span.column}) already does",
-                                   ctx.spec.source)
+                ctx.refuse_reclaim(statement, record, f"adapts {selection} again")

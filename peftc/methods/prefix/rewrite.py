@@ -18,11 +18,13 @@ merged model and its ONNX export hold only the (P × kv_heads × head_dim) tenso
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from peftc.compiler.record import Record
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
 from peftc.errors import PassError
 from peftc.lang.diagnostics import SpecError, check_allocation
@@ -59,7 +61,7 @@ class PrefixEncoder(nn.Module):
 
 
 @dataclass
-class PrefixRecord:
+class PrefixRecord(Record):
     """The prefixes of one attention."""
     statement: int
     site: AttentionSite
@@ -70,7 +72,6 @@ class PrefixRecord:
     #: the position-id nodes shifted by P (shared by the statement's records)
     shifted: list[str] = field(default_factory=list)
     method: str = "prefix"
-    foldable: bool = False       # stays a graph op in the merged model and the export
 
     @property
     def key(self) -> str:
@@ -104,7 +105,7 @@ class EncoderSite:
 
 
 @dataclass
-class PrefixEncoderRecord:
+class PrefixEncoderRecord(Record):
     """The reparameterisation MLP of a ``prefix project=H`` statement (folded away by ``merge()``)."""
     statement: int
     module: str
@@ -116,7 +117,10 @@ class PrefixEncoderRecord:
     #: (layer module, name of the node giving its key prefix, of its value prefix)
     outputs: list[tuple[str, str, str]] = field(default_factory=list)
     method: str = "prefix"
-    foldable: bool = True
+    foldable: ClassVar[bool] = True
+
+    def fold(self, gm: GraphModule) -> None:
+        PrefixPass.fold_encoder(gm, self)
 
     @property
     def key(self) -> str:
@@ -140,7 +144,7 @@ def split(flat: torch.Tensor, index: int, site: AttentionSite) -> tuple[torch.Te
 @register
 class PrefixPass(Pass):
     keyword = "prefix"
-    rank = 90          # after the passes on linears; it rewrites only the attention calls
+    phase = "attention"
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         tokens, hidden = statement.options["tokens"], statement.options.get("project")
@@ -218,11 +222,9 @@ class PrefixPass(Pass):
         return sites
 
     @staticmethod
-    def fold(gm: GraphModule, record) -> None:
+    def fold_encoder(gm: GraphModule, record: PrefixEncoderRecord) -> None:
         """Fold a prefix encoder (``project=``) into plain per-attention prefixes and remove the MLP; the
         prefixes stay graph inputs of the attentions (records of single attentions are not folded)."""
-        if not isinstance(record, PrefixEncoderRecord):
-            return
         with torch.no_grad():
             flat = gm.get_submodule(record.module)()
         if not torch.isfinite(flat).all():

@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from peftc.compiler.record import Record
 from peftc.lang.diagnostics import SpecError, check_allocation
 from peftc.errors import ModelError
 from peftc.models import load_tokenizer
@@ -45,7 +46,7 @@ class PromptSite:
 
 
 @dataclass
-class PromptRecord:
+class PromptRecord(Record):
     statement: int
     site: PromptSite
     module: str
@@ -54,7 +55,6 @@ class PromptRecord:
     init_text: str | None = None
     nodes: list[str] = field(default_factory=list)
     method: str = "prompt"
-    foldable: bool = False
 
     @property
     def positions(self) -> int:
@@ -82,7 +82,7 @@ def text_token_ids(tokenizer, text: str, tokens: int) -> list[int]:
 @register
 class PromptPass(Pass):
     keyword = "prompt"
-    rank = 95          # last: it pads the inputs and cuts the output
+    phase = "inputs"
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         tokens, text = statement.options["tokens"], statement.options.get("init")

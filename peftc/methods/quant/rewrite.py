@@ -2,7 +2,7 @@
 
 Each selected linear becomes one ``peftc::nf4_linear`` (or ``int8_linear``; ``_addmm`` for a GPT-2 Conv1D)
 node reading buffers of a ``peftc_quant_<i>`` module; the float weight leaves the graph module. The node
-keeps its name and the position of its input, so ``lora`` — which runs later (rank 40 < 60) — attaches
+keeps its name and the position of its input, so ``lora`` — which runs later (phase quantize before low-rank) — attaches
 to it unchanged and trains against the dequantized weight. The default target ``base`` is every linear
 but the output head, less the linears a ``full`` statement trains. ``fold`` (run by ``merge()`` before the
 LoRA folds) turns the node back into a float linear holding ``dequant(W)``, so LoRA is merged onto the
@@ -10,11 +10,13 @@ weight it was trained against."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-from torch import nn
 from torch.fx import GraphModule
 
+from peftc.compiler.record import Record
+from peftc.graph.owned import OwnedRecord
 from peftc.graph.analysis import LinearSite
 from peftc.lang.diagnostics import SpecError
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
@@ -23,7 +25,7 @@ from peftc.graph.targets import select_linears
 
 
 @dataclass
-class QuantRecord:
+class QuantRecord(Record):
     statement: int
     site: LinearSite
     module: str                 # attribute name of the QuantizedWeight on the graph module
@@ -33,20 +35,21 @@ class QuantRecord:
     float_bytes: int            # bytes they took before
     nodes: list[str] = field(default_factory=list)   # the get_attr nodes of the buffers
     method: str = "quant"
+    foldable: ClassVar[bool] = True      # nothing to train (its buffers are frozen); it folds to dequant(W)
 
-    def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
-        return {}                # nothing to train: the buffers are frozen
+    def fold(self, gm: GraphModule) -> None:
+        QuantPass.fold_site(gm, self)
 
 
 @register
 class QuantPass(Pass):
     keyword = "quant"
-    rank = 40
+    phase = "quantize"
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         opts = statement.options
         scheme = statement.leading
-        sites = [s for s in select_linears(statement, ctx.sites, ctx.spec) if s.node not in _trained_in_full(ctx)]
+        sites = [s for s in select_linears(statement, ctx.sites, ctx.spec) if s.node not in _trained_weights(ctx)]
         if not sites:
             raise SpecError.at(statement.span, f"'{statement}' selects only linears a 'full' statement trains",
                                ctx.spec.source)
@@ -54,7 +57,7 @@ class QuantPass(Pass):
         for site in sites:
             weight = float_weight(ctx.gm, site)
             stored = quantize_weight(weight, scheme, block_size=opts["block"], double_quant=opts["double_quant"])
-            record = QuantRecord(statement=index, site=site, module=f"peftc_quant_{_count(ctx)}", scheme=scheme,
+            record = QuantRecord(statement=index, site=site, module=ctx.module_name("quant"), scheme=scheme,
                                  numel=weight.numel(), nbytes=stored.nbytes,
                                  float_bytes=weight.numel() * weight.element_size())
             inserted = quantize_site(ctx.gm, site, record.module, stored)
@@ -66,7 +69,7 @@ class QuantPass(Pass):
         return PassResult(ctx.gm, modified=True)
 
     @staticmethod
-    def fold(gm: GraphModule, record: QuantRecord) -> None:
+    def fold_site(gm: GraphModule, record: QuantRecord) -> None:
         """Put ``dequant(W)`` back as the site's float weight (what a LoRA on it trained against)."""
         _node, _scheme, _layout, module = quantized_parts(gm, record.site)
         dequantize_site(gm, record.site, module.dequantize(), f"{record.module}_weight")
@@ -90,24 +93,14 @@ def _own_storage(gm: GraphModule) -> None:
                                                                    tensor.size(), tensor.stride())
 
 
-def _count(ctx: CompileContext) -> int:
-    return sum(1 for r in ctx.records if r.method == "quant")
-
-
-def _trained_in_full(ctx: CompileContext) -> set[str]:
-    """Nodes of the linears that ``full`` statements train: ``base`` leaves them in full precision."""
-    nodes: set[str] = set()
-    for statement in ctx.spec.statements:
-        if statement.method == "full":
-            nodes |= {s.node for s in select_linears(statement, ctx.sites, ctx.spec)}
-    return nodes
+def _trained_weights(ctx: CompileContext) -> set[str]:
+    """Nodes of the linears whose weight an earlier pass (``full``, phase own-weights) trains: ``base``
+    leaves them in full precision."""
+    return {r.site.node for r in ctx.records if isinstance(r, OwnedRecord) and "weight" in r.names}
 
 
 def _check_overlap(ctx: CompileContext, statement, sites: list[LinearSite]) -> None:
     taken = {r.site.node: r for r in ctx.records if r.method == "quant"}
     for site in sites:
         if site.node in taken:
-            first = ctx.spec.statements[taken[site.node].statement]
-            raise SpecError.at(statement.span, f"this quant statement quantizes {site.path} again; "
-                               f"line {first.span.line} (column {first.span.column}) already does",
-                               ctx.spec.source)
+            ctx.refuse_reclaim(statement, taken[site.node], f"quantizes {site.path} again")
