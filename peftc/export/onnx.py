@@ -20,7 +20,7 @@ import torch
 from peftc.graph.capture import deepcopy_quietly, dynamic_shapes, example_inputs, max_positions
 from peftc.errors import ExportError
 from peftc.fsutil import atomic_path
-from peftc.quant.ops import onnx_blockers, translation_table
+from peftc.export.lowerings import onnx_blockers, translation_table
 
 
 @dataclass

@@ -22,7 +22,7 @@ from peftc.graph.capture import deepcopy_quietly
 from peftc.errors import ExportError
 from peftc.export.onnx import ExportResult, _verify_inputs, export_onnx
 from peftc.export.fp16 import MIN_ELEMENTS, weights_to_fp16
-from peftc.quant.ops import MATMULBNB4_BLOCKS
+from peftc.export.lowerings import MATMULBNB4_BLOCKS
 from peftc.quant.rewrite import QuantizedWeight, float_weight, quantize_site, quantize_weight
 
 TARGETS = ("fp32", "fp16", "nf4", "int4")
