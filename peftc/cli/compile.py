@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftc.cli.progress import step
-from peftc.cli.rundir import check_replaceable, write_compiled
+from peftc.rundir import check_replaceable, write_compiled
 from peftc.compiler.compiled import compile_prepared, prepare
 from peftc.lang.spec import parse_file
 from peftc.models import DEFAULT_MODEL

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from peftc.cli.progress import step
-from peftc.cli.rundir import read_manifest
+from peftc.rundir import read_manifest
 from peftc.compiler.compiled import compile as compile_model, op_histogram
 from peftc.export.onnx import export_onnx
 from peftc.export.targets import export_target

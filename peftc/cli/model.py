@@ -7,7 +7,7 @@ import copy
 import json
 
 from peftc.cli.progress import step
-from peftc.cli.rundir import read_manifest
+from peftc.rundir import read_manifest
 from peftc.compiler.compiled import compile as compile_model, compile_prepared, prepare
 from peftc.compiler.explain import layer_table, prompt_table
 from peftc.errors import PeftcError

@@ -12,7 +12,7 @@ import time
 import types
 import typing
 
-from peftc.cli.rundir import read_manifest
+from peftc.rundir import read_manifest
 from peftc.compiler.compiled import compile as compile_model
 from peftc.errors import PeftcError
 from peftc.fsutil import write_json

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 from peftc.errors import PeftcError
 from peftc.models import DEFAULT_MODEL
+from peftc.rundir import MANIFEST, SPEC_FILE  # noqa: F401  (what `peftc export` and `eval` read)
 
 CHECKPOINTS = "checkpoints"
-MANIFEST = "peftc.json"          # what `peftc export` and `peftc eval` read (the same as `peftc compile` writes)
-SPEC_FILE = "spec.peft"
 SCHEDULES = ("constant", "linear", "cosine")
 #: options a resumed run must share with the run that wrote the checkpoint
 RESUME_KEYS = ("model", "spec_text", "data_sha256", "seed", "batch_size", "grad_accum", "world_size",

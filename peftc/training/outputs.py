@@ -7,7 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from peftc.fsutil import atomic_path, write_json, write_text
-from peftc.training.config import MANIFEST, SPEC_FILE, TrainConfig
+from peftc.rundir import write_run
+from peftc.training.config import TrainConfig
 
 
 class TrainLog:
@@ -37,18 +38,14 @@ def write_outputs(model, config: TrainConfig, spec, out: Path, history: list, lo
                   seconds: float, tokens: int, steps_run: int) -> list[str]:
     """Write the adapter and the run's files into ``out``; the names written."""
     report = model.report()
-    files = model.save_adapter(out)   # peftc's file always; HF PEFT's files when they can hold the adapter
-    write_text(out / SPEC_FILE, spec.format())
-    write_text(out / "report.txt", str(report) + "\n")
     summary = summary_of(history, seconds, tokens, steps_run)
-    write_json(out / MANIFEST, {"model": config.model, "spec": SPEC_FILE, "kind": model.kind,
-                                "report": report.to_dict(), "train": summary})
+    files = write_run(out, model, spec, config.model, report, report.to_dict(), train=summary)
     write_json(out / "train.json", {"config": asdict(config), "identity": identity, "summary": summary,
                                     "history": history})
     log.add(f"# done: {summary['steps']} steps, final loss {summary['final_loss']}, "
             f"{tokens:,d} tokens in {seconds:.1f} s ({summary['tokens_per_s']} tok/s this run)")
     log.flush()
-    files += [SPEC_FILE, "report.txt", MANIFEST, "train.json", "train.log"]
+    files += ["train.json", "train.log"]
     if plot_losses(history, out / "loss.png", title=f"{config.spec} on {config.model}"):
         files.append("loss.png")
     return files

@@ -1,4 +1,4 @@
-"""The run directory, what ``peftc compile`` and ``peftc train`` write and ``export``, ``explain``,
+"""The run directory, what ``peftc compile`` and ``peftc train`` write (both use these names) and ``export``, ``explain``,
 ``eval`` and ``generate`` read: ``peftc.json`` (the manifest: model, spec file, kind, report), ``spec.peft``
 and the adapter files. It is written whole or not at all (:func:`peftc.fsutil.atomic_dir`)."""
 from __future__ import annotations
@@ -56,22 +56,29 @@ def check_replaceable(out: Path) -> None:
                          "choose another --out")
 
 
+def write_run(directory: Path, model, spec, model_ref: str, report, manifest_report: dict, **more) -> list[str]:
+    """The files every run directory holds: the adapter (peftc's file, and HF PEFT's when they can hold it),
+    ``spec.peft``, ``report.txt`` and the manifest (``more`` adds keys to it). Returns the names written."""
+    written = model.save_adapter(directory)
+    write_text(directory / SPEC_FILE, spec.format())
+    write_text(directory / "report.txt", str(report) + "\n")
+    write_json(directory / MANIFEST, {"model": model_ref, "spec": SPEC_FILE, "kind": model.kind,
+                                      "report": manifest_report, **more})
+    return written + [SPEC_FILE, "report.txt", MANIFEST]
+
+
 def write_compiled(out: Path, model, spec, model_ref: str, report) -> list[str]:
     """Write a compile's run directory: built beside ``out`` and swapped in whole, so none of an earlier
     compile's files (HF PEFT's, say, when this adapter has no HF PEFT format) survive, and a failure leaves
     it as it was. Returns the names written."""
+    # the manifest without the report's timings: the same inputs give the same bytes (timings are on stderr)
+    summary = {k: v for k, v in report.to_dict().items() if k != "timings_s"}
     try:
         with atomic_dir(out) as tmp:
-            written = model.save_adapter(tmp)
-            write_text(tmp / SPEC_FILE, spec.format())
-            write_text(tmp / "report.txt", str(report) + "\n")
+            written = write_run(tmp, model, spec, model_ref, report, summary)
             write_text(tmp / "graph.txt", model.dump_graph())
-            # without the report's timings: the same inputs give the same bytes (the timings are on stderr)
-            summary = {k: v for k, v in report.to_dict().items() if k != "timings_s"}
-            write_json(tmp / MANIFEST, {"model": model_ref, "spec": SPEC_FILE, "kind": model.kind,
-                                        "report": summary})
     except OSError as exc:
         what = exc.strerror or errno.errorcode.get(exc.errno or 0) or str(exc)
         kept = f"{out} was left as it was" if out.exists() else "nothing was written"
         raise PeftcError(f"cannot write {out}: {what}; {kept}") from exc
-    return written + [SPEC_FILE, "report.txt", "graph.txt", MANIFEST]
+    return written + ["graph.txt"]
