@@ -79,7 +79,7 @@ def test_compile_error_leaves_no_output(tmp_path, capsys):
 
 
 def test_methods_lists_every_declared_option(capsys):
-    from peftc.lang.options import METHODS
+    from peftc.methods import METHODS
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     from peftc.compiler.passmanager import load_passes

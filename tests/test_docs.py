@@ -195,7 +195,7 @@ def test_a_misspelt_option_or_command_is_caught():
 # --- spec examples in the docs parse (tests/test_readme.py does the README's) ----------------------
 
 def method_keywords() -> set[str]:
-    from peftc.lang.options import METHODS
+    from peftc.methods import METHODS
     return set(METHODS)
 
 
@@ -257,7 +257,7 @@ def test_every_relative_link_resolves():
 
 
 def test_the_language_reference_is_generated_from_the_option_declarations():
-    """docs/language.md is what ``peftc methods --markdown`` writes from peftc/lang/options.py: a changed
+    """docs/language.md is what ``peftc methods --markdown`` writes from the methods' declarations: a changed
     option without a regenerated page fails here."""
     from peftc.lang.reference import markdown
     page = (ROOT / "docs" / "language.md").read_text(encoding="utf-8")

@@ -87,3 +87,13 @@ def test_no_module_or_function_too_long_without_a_reason():
                 if length > MAX_FUNCTION_LINES and "Long because" not in doc:
                     long.append(f"{name}.{node.name}: {length} lines")
     assert not long, "\n".join(long)
+
+
+def test_every_declared_method_has_one_pass():
+    """The syntax (peftc.methods.METHODS) and the passes (peftc.methods.passes.PASSES) are two lists; each
+    keyword the parser accepts must compile, and no pass may be unreachable from the language."""
+    from peftc.compiler.passmanager import load_passes
+    from peftc.methods import METHODS
+    from peftc.methods.passes import PASSES
+    assert sorted(p.keyword for p in PASSES) == sorted(load_passes())
+    assert sorted(p.keyword for p in PASSES) == sorted(METHODS)

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 import peftc
-from peftc.lang.options import METHODS
+from peftc.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from peftc.lang import spec as spec_module
 from peftc.lang.diagnostics import visible
-from peftc.lang.options import METHODS
+from peftc.methods import METHODS
 from peftc.lang.spec import LayerSelection, Target, grammar_text, parse, parse_file, quote
 
 LORA_DEFAULTS = {"r": 8, "alpha": 8.0, "dropout": 0.0, "rslora": False, "init": "zero", "layers": None,

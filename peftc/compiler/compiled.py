@@ -14,7 +14,7 @@ from peftc.graph.analysis import ModelSites, analyze
 from peftc.graph.capture import capture, deepcopy_quietly
 from peftc.compiler.memory import WeightBytes
 from peftc.models import load_model
-import peftc.methods  # noqa: F401  (registers every method's pass and HF PEFT format)
+import peftc.methods.passes  # noqa: F401  (registers every method's pass and HF PEFT format)
 from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager
 from peftc.errors import AdapterError
 from peftc.interop.adapter_file import FILE, load_adapter, save_adapter

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from peftc.lang.diagnostics import Span
-from peftc.lang.options import METHODS, quote
+from peftc.lang.options import quote
+from peftc.methods import METHODS
 
 
 class Options(Mapping):

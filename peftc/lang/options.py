@@ -1,4 +1,5 @@
-"""The one place each spec method declares its leading word, targets and options.
+"""The vocabulary every spec method declares its leading word, targets and options in (each method in its
+package, peftc/methods/<keyword>/options.py).
 
 The parser (peftc.lang.spec) checks statements against these declarations, fills in defaults, and draws its
 "did you mean" suggestions (method keywords, option names, role words, choices) from them; help text
@@ -118,58 +119,3 @@ LAYERS = OptionSpec("layers", "layers", None, "layer indices and inclusive range
                     "default every layer")
 EXCLUDE = OptionSpec("exclude", "targets", None, "targets to leave out, in the same forms as the "
                      "statement's targets (role words, \"globs\", /regexes/)")
-
-_METHODS = (
-    MethodSpec("lora", "low-rank update y = W x + s·B(A(dropout(x))), s = alpha/r (HF PEFT LoraConfig)", (
-        OptionSpec("r", "int", 8, "rank of the update", min=1),
-        OptionSpec("alpha", "float", 8.0, "scale numerator: the update is scaled by alpha/r, or "
-                   "alpha/sqrt(r) with rslora; 8 like HF PEFT's lora_alpha, not tied to r", min=0, min_open=True),
-        OptionSpec("dropout", "float", 0.0, "dropout probability on the adapter's input (lora_dropout)",
-                   min=0, max=1, max_open=True),
-        OptionSpec("rslora", "bool", False, "rank-stabilised scale alpha/sqrt(r) (use_rslora)"),
-        OptionSpec("init", "name", "zero", "zero: A Kaiming-uniform and B zero (init_lora_weights=True); "
-                   "gaussian: A normal(0, 1/r) and B zero (init_lora_weights=\"gaussian\"); random: A and B "
-                   "both Kaiming-uniform, so a fresh adapter already changes the model (init_lora_weights="
-                   "False, for checking merge and export before training)",
-                   choices=("zero", "gaussian", "random")),
-        LAYERS, EXCLUDE), targets="required"),
-    MethodSpec("quant", "quantize the frozen base linears: NF4 (QLoRA) or int8", (
-        OptionSpec("block", "int", 64, "weights per absmax block (nf4): a power of two from 16 to 4096 "
-                   "(bitsandbytes takes 32..4096; ONNX Runtime's MatMulBnb4, which runs the nf4 export, "
-                   "16..256)",
-                   choices=tuple(2 ** e for e in range(4, 13))),
-        OptionSpec("double_quant", "bool", True, "store the absmax constants in 8 bits per block of 256 (nf4)"),
-        LAYERS, EXCLUDE), targets="optional", default_targets=("base",),
-        leading=OptionSpec("scheme", "name", None, "nf4: 4-bit NormalFloat with per-block absmax; "
-                           "int8: 8-bit with per-row absmax", choices=("nf4", "int8"), required=True),
-        roles=("base",)),
-    MethodSpec("prefix", "learned key/value prefixes in every attention (HF PEFT prefix tuning)", (
-        OptionSpec("tokens", "int", None, "number of virtual tokens", min=1, required=True),
-        OptionSpec("project", "int", None, "hidden size of the reparameterisation MLP "
-                   "(prefix_projection); default none: the prefixes are learned directly", min=1),
-        LAYERS), targets="none"),
-    MethodSpec("prompt", "a learned soft prompt prepended to the input embeddings (prompt tuning)", (
-        OptionSpec("tokens", "int", None, "number of virtual tokens", min=1, required=True),
-        OptionSpec("init", "str", None, "text whose token embeddings initialise the prompt "
-                   "(prompt_tuning_init_text); default random"),
-        ), targets="none"),
-    MethodSpec("adapter", "bottleneck adapters: after=attn,ffn is Houlsby, after=ffn alone Pfeiffer", (
-        OptionSpec("after", "names", ("attn", "ffn"), "sublayers whose output gets an adapter",
-                   choices=("attn", "ffn")),
-        OptionSpec("bottleneck", "int", 64, "hidden size of the adapter", min=1),
-        OptionSpec("act", "name", "relu", "activation between the down and up projections",
-                   choices=("relu", "gelu", "silu", "tanh")),
-        OptionSpec("parallel", "bool", False, "add the adapter beside the sublayer instead of after it"),
-        OptionSpec("scale", "float", 1.0, "factor on the adapter's output"),
-        LAYERS), targets="none"),
-    MethodSpec("ia3", "learned per-feature scales on the selected linears' outputs (HF PEFT IA3)", (
-        LAYERS, EXCLUDE,
-        OptionSpec("init", "name", "ones", "initial scales: ones leaves the model unchanged", choices=("ones",)),
-        ), targets="required"),
-    MethodSpec("bitfit", "train the biases of the selected linears; no targets: every bias", (
-        LAYERS, EXCLUDE), targets="optional"),
-    MethodSpec("full", "plain fine-tuning of the selected weights", (LAYERS, EXCLUDE), targets="required"),
-)
-
-#: every method by keyword, in declaration order
-METHODS: dict[str, MethodSpec] = {m.keyword: m for m in _METHODS}

@@ -2,7 +2,7 @@
 from here too).
 
 A file is cut into statements at newlines and ';' outside "strings", /regexes/ and comments. Each piece
-is parsed on its own with peft.lark and checked against the declarations in peftc/lang/options.py,
+is parsed on its own with peft.lark and checked against each method's declaration (peftc/methods/<keyword>/options.py),
 so that every mistake in a file is reported, in source order, in one SpecError."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
 from peftc.lang.diagnostics import Diagnostic, Span, SpecError, did_you_mean, visible
 from peftc.lang.ir import LayerSelection, Options, Spec, Statement, Target  # noqa: F401  (the IR, importable here)
-from peftc.lang.options import ESCAPES, METHODS, TYPE_WORDS, MethodSpec, OptionSpec, quote  # noqa: F401  (quote too)
+from peftc.lang.options import ESCAPES, TYPE_WORDS, MethodSpec, OptionSpec, quote  # noqa: F401  (quote too)
+from peftc.methods import METHODS
 
 GRAMMAR = "peft.lark"
 #: the largest finite float32: a float option must fit the tensors it ends up in
