@@ -213,7 +213,7 @@ class Report:
             count = sum(p.numel() for p in record.parameters(model.graph_module).values())
             per_statement[record.statement][0] += 1
             per_statement[record.statement][1] += count
-            label = "-" if record.site.layer is None else str(record.site.layer)
+            label = "-" if record.layer is None else str(record.layer)
             layers.setdefault(label, [0] * n)[record.statement] += count
         params = list(model.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)

@@ -48,7 +48,7 @@ def layer_table(model) -> str:
     for record in model.records:
         if not record.parameters(gm):
             continue
-        layer = record.site.layer
+        layer = record.layer
         label = "-" if layer is None else str(layer)
         cells.setdefault(label, [0.0] * n)[record.statement] += change(record, gm) ** 2
     rows = sorted(cells.items(), key=lambda kv: (kv[0] == "-", int(kv[0]) if kv[0] != "-" else 0))

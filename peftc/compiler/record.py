@@ -19,7 +19,8 @@ class Record:
     statement: int
     #: the method keyword (``lora``, ``bitfit``...)
     method: str
-    #: what it sits on (a linear site, an attention, the embedding): anything with ``path`` and ``layer``
+    #: what it sits on (a linear site, an attention, the embedding): anything with ``path`` and ``layer``;
+    #: a model-wide record with no site (the prefix encoder) overrides :attr:`key` and :attr:`layer` instead
     site: Any
     #: the attribute name of its submodule on the graph module
     module: str
@@ -32,6 +33,11 @@ class Record:
     def key(self) -> str:
         """Its name in ``adapter_parameters()`` and in peftc's adapter file: the site's module path."""
         return self.site.path
+
+    @property
+    def layer(self) -> int | None:
+        """The decoder layer it acts in, or None for a model-wide record (the embedding, the head)."""
+        return self.site.layer
 
     @property
     def positions(self) -> int:

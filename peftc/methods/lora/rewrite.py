@@ -119,6 +119,7 @@ class LoraRecord(Record):
     roles: tuple[str, ...] | None = None              # slices of a fused projection; None: the whole linear
     blocks: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)   # inserted nodes, in graph order; the last is the sum
+    down: str = ""     # the node of the A projection: linear(x, A), or its slice of a fused one
     method: str = "lora"
     foldable: ClassVar[bool] = True
 
@@ -130,11 +131,6 @@ class LoraRecord(Record):
     def key(self) -> str:
         """The site's name in ``adapter_parameters()``: the module path, with the roles for slices."""
         return self.site.path if self.roles is None else f"{self.site.path}[{','.join(self.roles)}]"
-
-    @property
-    def down(self) -> str:
-        """The node of the A projection (fourth from the end): ``linear(x, A)``, or a slice of a fused one."""
-        return self.nodes[-4]
 
     @property
     def hf_rank(self) -> int:
@@ -227,7 +223,7 @@ class LoraPass(Pass):
             ctx.replace_output(site.node, total)
             for node in inserted:
                 ctx.tag(node, self.keyword, statement, index)
-            record.nodes = [n.name for n in inserted]
+            record.nodes, record.down = [n.name for n in inserted], down.name
             nodes.update({n.name: n for n in inserted})
             ctx.records.append(record)
         return PassResult(ctx.gm, modified=True)
@@ -290,7 +286,7 @@ def fuse_shared_inputs(ctx: CompileContext) -> PassResult:
             ctx.tag(piece, LoraPass.keyword, ctx.spec.statements[record.statement], record.statement)
             down.replace_all_uses_with(piece)
             graph.erase_node(down)
-            record.nodes[-4] = piece.name
+            record.nodes[record.nodes.index(record.down)] = record.down = piece.name
             offset += rows
         fused_any = True
     return PassResult(ctx.gm, modified=fused_any)

@@ -99,12 +99,6 @@ class PrefixRecord(Record):
 
 
 @dataclass
-class EncoderSite:
-    path: str = "prefix_encoder"
-    layer: None = None
-
-
-@dataclass
 class PrefixEncoderRecord(Record):
     """The reparameterisation MLP of a ``prefix project=H`` statement (folded away by ``merge()``)."""
     statement: int
@@ -112,7 +106,6 @@ class PrefixEncoderRecord(Record):
     tokens: int
     hidden: int
     sites: list[AttentionSite]   # the attentions it feeds, in the order of its output blocks
-    site: EncoderSite = field(default_factory=EncoderSite)
     nodes: list[str] = field(default_factory=list)   # every node it inserted (MLP and per-layer splits)
     #: (layer module, name of the node giving its key prefix, of its value prefix)
     outputs: list[tuple[str, str, str]] = field(default_factory=list)
@@ -125,6 +118,11 @@ class PrefixEncoderRecord(Record):
     @property
     def key(self) -> str:
         return "prefix_encoder"
+
+    @property
+    def layer(self) -> None:
+        """Model-wide: it feeds every layer's attention."""
+        return None
 
     def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
         return dict(gm.get_submodule(self.module).named_parameters())
