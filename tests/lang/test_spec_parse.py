@@ -165,7 +165,7 @@ def test_parse_file(tmp_path):
 
 def test_grammar_is_package_data_of_peftc_lang():
     """The grammar is read with importlib.resources from the package itself, the same in a checkout and in
-    an installed wheel (tests/test_wheel.py checks the wheel), not searched for in two places."""
+    an installed wheel (tests/project/test_wheel.py checks the wheel), not searched for in two places."""
     path = Path(spec_module.__file__).with_name("peft.lark")
     assert path.is_file() and grammar_text() == path.read_text(encoding="utf-8")
     assert "statement" in grammar_text()

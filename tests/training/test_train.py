@@ -13,7 +13,7 @@ from conftest import pairs, randomize_adapters, train_config, write_jsonl
 from numerics import ONNX_RUNTIME, SAME_FUNCTION, assert_close
 from peftc.training.train import CausalLMWithLoss, TrainConfig, TrainError, checkpoints, lr_at, token_loss_sum, train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = "lora q, v r=4 alpha=8\n"
 MEMORISE = "lora all-linear r=8 alpha=16\n"     # enough capacity for a tiny random model to learn 8 pairs
 # the tiny model's frozen head keeps its logits within about ±1 (loss stays near 5 and the right answer wins

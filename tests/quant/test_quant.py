@@ -168,7 +168,7 @@ def test_qlora_adapter_files_hold_only_the_lora(tiny, tmp_path):
 
 def test_sample_qlora_compiles(tiny):
     from pathlib import Path
-    spec = peftc.parse_file(Path(__file__).resolve().parent.parent / "samples" / "qlora.peft")
+    spec = peftc.parse_file(Path(__file__).resolve().parents[2] / "samples" / "qlora.peft")
     assert peftc.compile(tiny("tiny-llama"), spec).report().memory.base["nf4"].linears == 28
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import peftc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_LIMIT = 12_000          # bytes, as `wc -c README.md` counts them
 SHELL_INFO = {"bash", "sh", "shell"}
@@ -192,7 +192,7 @@ def test_a_misspelt_option_or_command_is_caught():
     assert peftc_invocations("torchrun --nproc_per_node 2 -m peftc.cli eval --data d > log") == [["eval", "--data", "d"]]
 
 
-# --- spec examples in the docs parse (tests/test_readme.py does the README's) ----------------------
+# --- spec examples in the docs parse (tests/project/test_readme.py does the README's) ----------------------
 
 def method_keywords() -> set[str]:
     from peftc.methods import METHODS

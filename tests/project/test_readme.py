@@ -4,7 +4,7 @@ from pathlib import Path
 import peftc
 from peftc.methods import METHODS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 

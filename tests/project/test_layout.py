@@ -5,7 +5,7 @@ from pathlib import Path
 
 import networkx as nx
 
-PACKAGE = Path(__file__).resolve().parent.parent / "peftc"
+PACKAGE = Path(__file__).resolve().parents[2] / "peftc"
 #: modules over MAX_LINES or functions over MAX_FUNCTION_LINES say why at their top; none may grow past these
 MAX_LINES = 400
 MAX_FUNCTION_LINES = 60

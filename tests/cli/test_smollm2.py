@@ -12,7 +12,7 @@ from numerics import SAME_FUNCTION, assert_close, assert_export_close
 
 pytestmark = pytest.mark.slow      # the real 135M-parameter model: every test loads or exports it
 
-SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "lora.peft"
+SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "lora.peft"
 
 
 @pytest.fixture(scope="module")
