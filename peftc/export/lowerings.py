@@ -10,7 +10,8 @@ import torch
 
 from peftc.quant import nf4
 from peftc.quant.int8 import INV_127
-from peftc.quant.ops import LAYOUTS, SCHEMES, Scheme, op, parse_op, split_args
+from peftc.quant.ops import LAYOUTS, SCHEMES, op, parse_op, split_args
+from peftc.quant.scheme import Scheme
 
 
 def _opsets():

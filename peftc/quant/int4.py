@@ -7,45 +7,20 @@ range of each block includes 0, so zero (and the padding) is exact. Layouts, as 
 ``scales`` float32 (N, blocks); ``zero_points`` uint8 (N, ceil(blocks/2)), also low nibble first."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from peftc.errors import ModelError
-from peftc.quant.nf4 import FLOAT_DTYPES
-from peftc.quant.packed import PackedSize
-
-
-@dataclass
-class Int4Weight(PackedSize):
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zero_points: torch.Tensor
-    in_features: int
-    block_size: int
-    dtype: torch.dtype = torch.float32
-
-    @property
-    def out_features(self) -> int:
-        return self.packed.shape[0]
-
-    @property
-    def numel(self) -> int:
-        return self.out_features * self.in_features
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"packed": self.packed, "scales": self.scales, "zero_points": self.zero_points}
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.packed, self.scales, self.zero_points, self.in_features).to(self.dtype)
+from peftc.quant.scheme import FLOAT_DTYPES, Quantized, Scheme
 
 
 def _unpack_low_first(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
 
 
-def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, in_features: int) -> torch.Tensor:
+def dequantize(tensors, params) -> torch.Tensor:
     """The float32 (N × K) weight: ``(q - zp) · scale`` per block."""
+    packed, scales, zero_points = tensors
+    (_out_features, in_features), _block = params
     n, blocks, _ = packed.shape
     q = _unpack_low_first(packed).float()                                  # (N, blocks, block)
     zp = _unpack_low_first(zero_points)[:, :blocks].float()                # (N, blocks)
@@ -53,8 +28,8 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Te
     return w.reshape(n, -1)[:, :in_features]
 
 
-def quantize(weight: torch.Tensor, block_size: int = 32) -> Int4Weight:
-    """Round-to-nearest int4 of a 2-D weight (out × in), blockwise along the input dimension."""
+def _quantize(weight: torch.Tensor, block_size: int = 32) -> tuple[dict, tuple]:
+    """The stored tensors and params of ``weight`` in int4 (see :func:`quantize`)."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ModelError(f"int4 block size must be a power of two >= 16 (MatMulNBits), got {block_size}")
     if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES or weight.dim() != 2:
@@ -77,5 +52,14 @@ def quantize(weight: torch.Tensor, block_size: int = 32) -> Int4Weight:
         if blocks % 2:
             zp8 = torch.nn.functional.pad(zp8, (0, 1))
         zero_points = zp8[:, 0::2] | (zp8[:, 1::2] << 4)
-    return Int4Weight(packed=packed.contiguous(), scales=scales.contiguous(), zero_points=zero_points.contiguous(),
-                      in_features=k, block_size=block_size, dtype=weight.dtype)
+    stored = {"packed": packed.contiguous(), "scales": scales.contiguous(), "zero_points": zero_points.contiguous()}
+    return stored, ((n, k), block_size)
+
+
+SCHEME = Scheme("int4", ("packed", "scales", "zero_points"), ("int[] shape", "int block_size"), ("block_size",),
+                _quantize, dequantize)
+
+
+def quantize(weight: torch.Tensor, block_size: int = 32) -> Quantized:
+    """Round-to-nearest int4 of a 2-D weight (out × in), blockwise along the input dimension."""
+    return Quantized.of(SCHEME, weight, block_size=block_size)

@@ -17,12 +17,12 @@ With block 64 and double quantization that is 4 + 8/64 + 32/(64·256) ≈ 4.127 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
 
 import torch
 
 from peftc.errors import ModelError
-from peftc.quant.packed import PackedSize
+from peftc.quant.scheme import FLOAT_DTYPES, Quantized, Scheme
 
 #: bitsandbytes ``get_4bit_type("nf4")``: quantiles of N(0, 1) scaled to [-1, 1], 0.0 at index 7
 CODE = torch.tensor([
@@ -35,8 +35,6 @@ ZERO_CODE = 7
 DOUBLE_QUANT_BLOCK = 256
 #: block sizes this module accepts: powers of two; bitsandbytes itself takes 32..4096
 BLOCK_SIZES = tuple(2 ** e for e in range(4, 13))
-#: the weight dtypes bitsandbytes quantizes
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -98,53 +96,12 @@ def dequantize_dynamic(codes: torch.Tensor, absmax: torch.Tensor, block: int = D
     return dynamic_map()[codes.reshape(-1).long()] * scale
 
 
-@dataclass
-class NF4Weight(PackedSize):
-    """A weight in NF4. ``packed``: uint8, ceil(numel/2) bytes. Without double quantization ``absmax`` is
-    float32 per block; with it, ``absmax`` holds uint8 codes, ``absmax_scale`` the float32 absmax of each
-    256 of them and ``offset`` the float32 mean that was taken off."""
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    shape: tuple[int, ...]
-    block_size: int
-    dtype: torch.dtype = torch.float32
-    offset: torch.Tensor | None = None
-    absmax_scale: torch.Tensor | None = None
-
-    @property
-    def double_quant(self) -> bool:
-        return self.offset is not None
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.numel // self.block_size)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """What is stored, by name: the bytes a deployment keeps."""
-        out = {"packed": self.packed, "absmax": self.absmax}
-        if self.double_quant:
-            out |= {"absmax_scale": self.absmax_scale, "offset": self.offset.reshape(1)}
-        return out
-
-    def absmax_float(self) -> torch.Tensor:
-        """The float32 absmax of each block (after undoing the double quantization)."""
-        if not self.double_quant:
-            return self.absmax
-        return dequantize_dynamic(self.absmax, self.absmax_scale) + self.offset
-
-    def codes(self) -> torch.Tensor:
-        """The 4-bit code of each value, flat (int64)."""
-        return unpack(self.packed, self.numel)
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_codes(self.codes(), self.absmax_float(), self.block_size).reshape(self.shape).to(self.dtype)
+def absmax_float(absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
+                 absmax_offset: torch.Tensor | None) -> torch.Tensor:
+    """The float32 absmax of each block, after undoing the double quantization (if there was one)."""
+    if absmax_scale is None:
+        return absmax
+    return dequantize_dynamic(absmax, absmax_scale) + absmax_offset
 
 
 def unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -154,20 +111,34 @@ def unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return pairs.reshape(-1)[:numel].long()
 
 
-def dequantize_codes(codes: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
-    """``CODE[c] · absmax[block]`` for each flat code, in float32."""
-    return CODE[codes] * absmax.repeat_interleave(block)[:codes.numel()]
+@functools.cache
+def _pairs() -> torch.Tensor:
+    """Both code values of each byte, high nibble first: a 256 × 2 table, so unpacking is one gather."""
+    byte = torch.arange(256)
+    return torch.stack((CODE[byte >> 4], CODE[byte & 0xF]), dim=1)
+
+
+def dequantize(tensors, params) -> torch.Tensor:
+    """The float32 weight of ``shape``: ``CODE[c] · absmax`` of its block for each code."""
+    packed, absmax, absmax_scale, absmax_offset = tensors
+    shape, block = params
+    n = math.prod(shape)
+    values = _pairs().index_select(0, packed.reshape(-1).int()).view(-1)
+    per_block = absmax_float(absmax, absmax_scale, absmax_offset)
+    if n % block == 0:     # in place: the transient memory of a forward is the weight, once
+        return values.view(-1, block).mul_(per_block.view(-1, 1)).view(*shape)
+    return values[:n].mul_(per_block.repeat_interleave(block)[:n]).view(*shape)
 
 
 def check_block(block_size: int) -> None:
+    """Refuse a block size this module does not quantize with."""
     if block_size not in BLOCK_SIZES:
         raise ModelError(f"NF4 block size must be a power of two from {BLOCK_SIZES[0]} to {BLOCK_SIZES[-1]}, "
                          f"got {block_size}")
 
 
-def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
-    """Quantize ``weight`` (float32, float16 or bfloat16, any shape) to NF4, bit for bit as bitsandbytes'
-    ``quantize_4bit(..., quant_type="nf4")``."""
+def _quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> tuple[dict, tuple]:
+    """The stored tensors and params of ``weight`` in NF4 (see :func:`quantize`)."""
     check_block(block_size)
     if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES:
         raise ModelError(f"NF4 quantizes float32, float16 or bfloat16 tensors, got "
@@ -193,10 +164,53 @@ def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = Tr
         midpoints = (CODE[:-1] + CODE[1:]) / 2
         codes = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
         packed = (codes[::2] << 4) | codes[1::2]
-        result = NF4Weight(packed=packed, absmax=absmax, shape=tuple(weight.shape), block_size=block_size,
-                           dtype=weight.dtype)
+        stored = {"packed": packed, "absmax": absmax, "absmax_scale": None, "absmax_offset": None}
         if double_quant:
             offset = absmax.mean()
-            result.absmax, result.absmax_scale = quantize_dynamic(absmax - offset)
-            result.offset = offset
-    return result
+            stored["absmax"], stored["absmax_scale"] = quantize_dynamic(absmax - offset)
+            stored["absmax_offset"] = offset
+    return stored, (tuple(weight.shape), block_size)
+
+
+SCHEME = Scheme("nf4", ("packed", "absmax", "absmax_scale?", "absmax_offset?"), ("int[] shape", "int block_size"),
+                ("block_size", "double_quant"), _quantize, dequantize)
+
+
+class NF4Weight(Quantized):
+    """A weight in NF4. ``packed``: uint8, ceil(numel/2) bytes. Without double quantization ``absmax`` is
+    float32 per block; with it, ``absmax`` holds uint8 codes, ``absmax_scale`` the float32 absmax of each
+    256 of them and ``offset`` the float32 mean that was taken off (stored as ``absmax_offset``)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.params[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.params[1]
+
+    @property
+    def offset(self) -> torch.Tensor | None:
+        return self.stored["absmax_offset"]
+
+    @property
+    def double_quant(self) -> bool:
+        return self.offset is not None
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.block_size)
+
+    def absmax_float(self) -> torch.Tensor:
+        """The float32 absmax of each block (after undoing the double quantization)."""
+        return absmax_float(self.stored["absmax"], self.stored["absmax_scale"], self.offset)
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit code of each value, flat (int64)."""
+        return unpack(self.stored["packed"], self.numel)
+
+
+def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize ``weight`` (float32, float16 or bfloat16, any shape) to NF4, bit for bit as bitsandbytes'
+    ``quantize_4bit(..., quant_type="nf4")``."""
+    return NF4Weight.of(SCHEME, weight, block_size=block_size, double_quant=double_quant)

@@ -12,77 +12,20 @@ trains on top (QLoRA) and the graph survives ``torch.export``. Their ONNX loweri
 :mod:`peftc.export.lowerings`."""
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from peftc.quant import int4 as int4_format
-from peftc.quant import nf4 as nf4_format
-from peftc.quant.int8 import INV_127
+from peftc.quant import int4, int8, nf4
+from peftc.quant.scheme import Scheme
 
 NAMESPACE = "peftc"
 LAYOUTS = ("linear", "addmm")
 _LIB = torch.library.Library(NAMESPACE, "DEF")   # kept alive for the life of the process
 
 
-@dataclass(frozen=True)
-class Scheme:
-    name: str
-    tensors: tuple[str, ...]        # weight tensor arguments in schema order; a trailing '?' marks optional
-    params: tuple[str, ...]         # non-tensor arguments, as schema text ("int[] shape")
-    dequantize: Callable            # (weight tensors, params) -> float32 (out, in)
-
-    @property
-    def n_tensors(self) -> int:
-        return len(self.tensors)
-
-
-# --- dequantization in torch -------------------------------------------------------------------------
-
-@functools.cache
-def _nf4_pairs() -> torch.Tensor:
-    """Both code values of each byte, high nibble first: a 256 × 2 table, so unpacking is one gather."""
-    byte = torch.arange(256)
-    return torch.stack((nf4_format.CODE[byte >> 4], nf4_format.CODE[byte & 0xF]), dim=1)
-
-
-def nf4_absmax(absmax, absmax_scale, absmax_offset) -> torch.Tensor:
-    if absmax_scale is None:
-        return absmax
-    return nf4_format.dequantize_dynamic(absmax, absmax_scale) + absmax_offset
-
-
-def _nf4_dequantize(tensors, params) -> torch.Tensor:
-    packed, absmax, scale, offset = tensors
-    (out_f, in_f), block = params
-    n = out_f * in_f
-    values = _nf4_pairs().index_select(0, packed.reshape(-1).int()).view(-1)
-    per_block = nf4_absmax(absmax, scale, offset)
-    if n % block == 0:     # in place: the transient memory of a forward is the weight, once
-        return values.view(-1, block).mul_(per_block.view(-1, 1)).view(out_f, in_f)
-    return values[:n].mul_(per_block.repeat_interleave(block)[:n]).view(out_f, in_f)
-
-
-def _int8_dequantize(tensors, params) -> torch.Tensor:
-    qweight, absmax = tensors
-    return qweight * absmax.view(-1, 1) * INV_127
-
-
-def _int4_dequantize(tensors, params) -> torch.Tensor:
-    packed, scales, zero_points = tensors
-    (_out_f, in_f), _block = params
-    return int4_format.dequantize(packed, scales, zero_points, in_f)
-
-
-SCHEMES: dict[str, Scheme] = {
-    "nf4": Scheme("nf4", ("packed", "absmax", "absmax_scale?", "absmax_offset?"), ("int[] shape", "int block_size"),
-                  _nf4_dequantize),
-    "int8": Scheme("int8", ("qweight", "absmax"), (), _int8_dequantize),
-    "int4": Scheme("int4", ("packed", "scales", "zero_points"), ("int[] shape", "int block_size"),
-                   _int4_dequantize),
-}
+#: every quantized weight format, by name: each one's ``SCHEME`` (its tensors, params and dequantization)
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (nf4.SCHEME, int8.SCHEME, int4.SCHEME)}
 
 
 # --- the ops --------------------------------------------------------------------------------------------
@@ -110,11 +53,6 @@ def _schema(scheme: Scheme, layout: str) -> str:
     if layout == "linear":
         return f"{scheme.name}_linear(Tensor x, {tensors}, Tensor? bias{params}) -> Tensor"
     return f"{scheme.name}_addmm(Tensor? bias, Tensor x, {tensors}{params}) -> Tensor"
-
-
-def dequantize_weight(scheme: str, tensors: Sequence, params: Sequence) -> torch.Tensor:
-    """The float32 (out × in) weight a quantized op multiplies by."""
-    return SCHEMES[scheme].dequantize(tuple(tensors), tuple(params))
 
 
 def _define(scheme: Scheme, layout: str) -> None:

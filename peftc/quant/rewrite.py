@@ -14,13 +14,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.quant import int4
-
-from peftc.quant import int8
-
-from peftc.quant import nf4
-
 from peftc.quant import ops as qops
+from peftc.quant.scheme import Quantized, stored_bytes
 from peftc.graph.analysis import LinearSite, input_of, weight_of
 from peftc.errors import ModelError
 
@@ -28,27 +23,29 @@ aten = torch.ops.aten
 
 
 class QuantizedWeight(nn.Module):
-    """The stored form of one quantized weight (buffers, never parameters) and how to read it back."""
+    """The stored form of one quantized weight in a graph module: a :class:`Quantized`'s tensors as buffers
+    (never parameters) by its scheme's names, its params, and how to read it back."""
 
-    def __init__(self, scheme: str, tensors: dict[str, torch.Tensor | None], params: tuple, numel: int):
+    def __init__(self, quantized: Quantized):
         super().__init__()
-        self.scheme = scheme
-        self.names = tuple(tensors)
-        self.params = params
-        self.numel = numel
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor)
+        self.scheme = quantized.scheme.name
+        self.names = quantized.scheme.names
+        self.params = quantized.params
+        self.numel = quantized.numel
+        for name in self.names:
+            self.register_buffer(name, quantized.stored[name])
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The stored tensors in op-argument order (None for an absent optional one)."""
         return tuple(getattr(self, name) for name in self.names)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+        return stored_bytes(self.tensors())
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight, out × in."""
-        return qops.dequantize_weight(self.scheme, self.tensors(), self.params)
+        return qops.SCHEMES[self.scheme].dequantize(self.tensors(), self.params)
 
     def extra_repr(self) -> str:
         return f"{self.scheme}, params={self.params}, {self.nbytes} bytes"
@@ -56,23 +53,13 @@ class QuantizedWeight(nn.Module):
 
 def quantize_weight(weight: torch.Tensor, scheme: str, *, block_size: int = 64,
                     double_quant: bool = True) -> QuantizedWeight:
-    """``weight`` (out × in) in ``scheme``: nf4 (bitsandbytes layout), int8 (per row) or int4 (MatMulNBits)."""
-    out_f, in_f = weight.shape
-    if scheme == "nf4":
-        q = nf4.quantize(weight, block_size, double_quant)
-        tensors = {"packed": q.packed, "absmax": q.absmax, "absmax_scale": q.absmax_scale,
-                   "absmax_offset": q.offset}
-        params = ((out_f, in_f), block_size)
-    elif scheme == "int8":
-        q8 = int8.quantize(weight)
-        tensors, params = {"qweight": q8.qweight, "absmax": q8.absmax}, ()
-    elif scheme == "int4":
-        q4 = int4.quantize(weight, block_size)
-        tensors = {"packed": q4.packed, "scales": q4.scales, "zero_points": q4.zero_points}
-        params = ((out_f, in_f), block_size)
-    else:
+    """``weight`` (out × in) in ``scheme``: nf4 (bitsandbytes layout), int8 (per row) or int4 (MatMulNBits);
+    each scheme takes the options it has (int8 none, int4 ``block_size``)."""
+    if scheme not in qops.SCHEMES:
         raise ModelError(f"unknown quantization scheme '{scheme}'; schemes: {', '.join(qops.SCHEMES)}")
-    return QuantizedWeight(scheme, tensors, params, weight.numel())
+    found = qops.SCHEMES[scheme]
+    given = {"block_size": block_size, "double_quant": double_quant}
+    return QuantizedWeight(Quantized.of(found, weight, **{name: given[name] for name in found.options}))
 
 
 def _nodes(gm: GraphModule) -> dict[str, Node]:
