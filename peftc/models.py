@@ -153,26 +153,49 @@ def resolve(ref: str) -> tuple[str, Path | None]:
                      f"or one of: {', '.join(BUILTIN_NAMES)}")
 
 
-def load_model(ref: str = DEFAULT_MODEL) -> torch.nn.Module:
-    """Load a model by reference, in eval mode and float32. Weights are read from safetensors only."""
+#: the ``--dtype`` choices: ``auto`` is the checkpoint's own dtype (float32 when its config names none)
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                                          "fp32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: how ``--dtype`` and the run directory's manifest spell ``dtype``."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def load_model(ref: str = DEFAULT_MODEL, dtype: str = "auto") -> torch.nn.Module:
+    """Load a model by reference, in eval mode, in ``dtype`` (one of :data:`DTYPES`; ``auto``: as the
+    checkpoint stores it, float32 for the built-ins and GGUF files). Weights are read from safetensors only."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     kind, directory = resolve(ref)
     if kind == "tiny":
         model = _seeded(TINY[ref])
+        if DTYPES[dtype] is not None:
+            model = model.to(DTYPES[dtype])
     else:
-        model = _load_hf_dir(directory, ref)
+        model = _load_hf_dir(directory, ref, DTYPES[dtype])
     model.config._name_or_path = ref
     return model.eval()
 
 
-def _load_hf_dir(directory: Path, ref: str) -> torch.nn.Module:
+def _checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's config names (``dtype``, ``torch_dtype`` before transformers 5), else float32."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    return named if named in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _load_hf_dir(directory: Path, ref: str, dtype: torch.dtype | None) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(str(directory))
         archs = config.architectures or []
         cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
                                           for a in archs) else AutoModel
-        model, info = cls.from_pretrained(str(directory), dtype=torch.float32, use_safetensors=True,
-                                          output_loading_info=True)
+        model, info = cls.from_pretrained(str(directory), dtype=dtype or _checkpoint_dtype(config),
+                                          use_safetensors=True, output_loading_info=True)
     except Exception as exc:  # OSError, ValueError, KeyError... all mean "cannot load"
         raise ModelError(f"cannot load model '{ref}' from {directory}: {exc}") from exc
     # transformers initialises a weight the checkpoint lacks at random and only logs it; a model that is

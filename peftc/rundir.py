@@ -6,8 +6,11 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from peftc.compiler.compiled import compile as compile_model
 from peftc.errors import PeftcError, read_json
 from peftc.fsutil import atomic_dir, write_json, write_text
+from peftc.lang.spec import parse_file
+from peftc.models import DTYPES, dtype_name
 
 MANIFEST = "peftc.json"
 SPEC_FILE = "spec.peft"
@@ -40,6 +43,24 @@ def read_manifest(args) -> tuple[Path, dict, str]:
     return directory, manifest, args.model or manifest["model"]
 
 
+def load_run(directory: Path, manifest: dict, model, dtype: str | None = None):
+    """The compiled model of a run directory with its adapter loaded: ``model`` (a model, or a reference
+    loaded in ``dtype``, by default the manifest's, which records how compile or train loaded it; float32
+    for a manifest from before peftc recorded it) compiled with the directory's spec as the manifest says."""
+    model = compile_model(model, parse_file(directory / manifest["spec"]), dtype=dtype or manifest_dtype(manifest),
+                          autocast_adapter_dtype=manifest.get("autocast_adapter_dtype", True))
+    model.load_adapter(directory)
+    return model
+
+
+def manifest_dtype(manifest: dict) -> str:
+    """The dtype a run directory's base model was loaded in (``fp32`` when the manifest predates it)."""
+    dtype = manifest.get("dtype", "fp32")
+    if dtype not in DTYPES or dtype == "auto":
+        raise PeftcError(f"{MANIFEST}: 'dtype' must be one of bf16, fp16, fp32, got {dtype!r}")
+    return dtype
+
+
 def check_replaceable(out: Path) -> None:
     """Refuse an ``--out`` that ``peftc compile`` must not replace: a file, a training run, or a directory
     of other files (an empty one, or an earlier compile's, is replaced)."""
@@ -63,6 +84,8 @@ def write_run(directory: Path, model, spec, model_ref: str, report, manifest_rep
     write_text(directory / SPEC_FILE, spec.format())
     write_text(directory / "report.txt", str(report) + "\n")
     write_json(directory / MANIFEST, {"model": model_ref, "spec": SPEC_FILE, "kind": model.kind,
+                                      "dtype": dtype_name(model.base_dtype),
+                                      "autocast_adapter_dtype": model.autocast_adapter_dtype,
                                       "report": manifest_report, **more})
     return written + [SPEC_FILE, "report.txt", MANIFEST]
 

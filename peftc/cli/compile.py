@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftc.cli.loading import add_adapter_dtype_option, add_dtype_option
 from peftc.cli.progress import step
 from peftc.rundir import check_replaceable, write_compiled
 from peftc.compiler.compiled import compile_prepared, prepare
@@ -15,9 +16,9 @@ def cmd_compile(args) -> int:
     out = Path(args.out)
     check_replaceable(out)
     with step(f"loading and capturing {args.model}"):
-        prepared = prepare(args.model)
+        prepared = prepare(args.model, args.dtype)
     with step(f"compiling {args.spec}"):
-        model = compile_prepared(prepared, spec, seed=args.seed)
+        model = compile_prepared(prepared, spec, seed=args.seed, autocast_adapter_dtype=args.autocast_adapter_dtype)
     report = model.report()
     written = write_compiled(out, model, spec, args.model, report)
     print(report)
@@ -31,4 +32,6 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", required=True, help="directory for the adapter, report and graph dump")
     p.add_argument("--seed", type=int, default=0, help="seed for the inserted weights' initialisation (default 0)")
+    add_dtype_option(p)
+    add_adapter_dtype_option(p)
     p.set_defaults(func=cmd_compile)

@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 
 from peftc.cli.progress import step
-from peftc.rundir import read_manifest
+from peftc.rundir import load_run, read_manifest
 from peftc.compiler.compiled import compile as compile_model, op_histogram
 from peftc.export.onnx import export_onnx
 from peftc.export.targets import export_target
-from peftc.lang.spec import parse_file
 from peftc.models import load_model
 
 #: ONNX Runtime must match torch within this fraction of the largest logit, on every target. Float32 itself
@@ -38,10 +37,10 @@ def _merged(args):
     effect printed."""
     directory, manifest, ref = read_manifest(args)
     with step(f"loading {ref}"):
-        base_model = load_model(ref)
+        # in float32 whatever the run trained in: the export target (fp32, fp16, nf4, int4) is made from it
+        base_model = load_model(ref, "fp32")
     with step("compiling and loading the adapter"):
-        model = compile_model(base_model, parse_file(directory / manifest["spec"]))
-        model.load_adapter(directory)
+        model = load_run(directory, manifest, base_model)
     with step("merging"):
         merged = model.merge()
     ids = torch.randint(0, min(base_model.config.vocab_size, 1000), (2, 16), generator=torch.Generator().manual_seed(0))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import copy
 import json
 
+from peftc.cli.loading import add_dtype_option
 from peftc.cli.progress import step
-from peftc.rundir import read_manifest
-from peftc.compiler.compiled import compile as compile_model, compile_prepared, prepare
+from peftc.rundir import load_run, read_manifest
+from peftc.compiler.compiled import compile_prepared, prepare
 from peftc.compiler.explain import layer_table, prompt_table
 from peftc.errors import PeftcError
 from peftc.fsutil import write_text
@@ -16,7 +17,7 @@ from peftc.graph.capture import strip_prefix
 from peftc.graph.draw import block_svg
 from peftc.graph.slices import describe, ranges
 from peftc.lang.spec import parse_file
-from peftc.models import DEFAULT_MODEL, load_model, load_tokenizer
+from peftc.models import DEFAULT_MODEL, load_tokenizer
 
 
 def _linears(prepared) -> tuple[list[dict], dict | None]:
@@ -36,7 +37,7 @@ def _linears(prepared) -> tuple[list[dict], dict | None]:
 
 def cmd_inspect(args) -> int:
     with step(f"loading and capturing {args.model}"):
-        prepared = prepare(args.model)
+        prepared = prepare(args.model, args.dtype)
     sites = prepared.sites
     rows, embed = _linears(prepared)
     if args.json:
@@ -62,7 +63,7 @@ def cmd_inspect(args) -> int:
 def cmd_graph(args) -> int:
     spec = parse_file(args.spec)
     with step(f"loading and capturing {args.model}"):
-        prepared = prepare(args.model)
+        prepared = prepare(args.model, args.dtype)
     if not 0 <= args.layer < prepared.sites.n_layers:
         raise PeftcError(f"--layer {args.layer}: {args.model} has layers 0..{prepared.sites.n_layers - 1}")
     before = copy.deepcopy(prepared.captured.gm)
@@ -75,8 +76,7 @@ def cmd_graph(args) -> int:
 def cmd_explain(args) -> int:
     directory, manifest, ref = read_manifest(args)
     with step(f"loading {ref} and the adapter in {directory}"):
-        model = compile_model(load_model(ref), parse_file(directory / manifest["spec"]))
-        model.load_adapter(directory)
+        model = load_run(directory, manifest, ref, args.dtype)
     print(layer_table(model))
     if any(r.method == "prompt" for r in model.records):
         try:
@@ -92,16 +92,19 @@ def add_commands(sub) -> None:
     p = sub.add_parser("inspect", help="list a model's linears with their role, layer, shape and fused slices")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_dtype_option(p)
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("explain", help="what an adapter learned: per-layer change of each statement, "
                        "nearest tokens of a soft prompt")
     p.add_argument("dir", help="a directory written by 'peftc compile' or 'peftc train'")
     p.add_argument("--model", default=None, help="override the model named in the directory")
     p.add_argument("--top", type=int, default=5, help="nearest tokens shown per soft-prompt vector")
+    add_dtype_option(p, None, "; default: as the directory's manifest says")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("graph", help="draw one transformer block before and after a spec's rewrite (SVG)")
     p.add_argument("spec")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--out", required=True, help="the .svg file to write")
+    add_dtype_option(p)
     p.set_defaults(func=cmd_graph)

@@ -12,11 +12,11 @@ import time
 import types
 import typing
 
-from peftc.rundir import read_manifest
+from peftc.cli.loading import add_dtype_option
+from peftc.rundir import load_run, read_manifest
 from peftc.compiler.compiled import compile as compile_model
 from peftc.errors import PeftcError
 from peftc.fsutil import write_json
-from peftc.lang.spec import parse_file
 from peftc.models import DEFAULT_MODEL, load_model
 from peftc.training.data import load_codec, read_jsonl
 from peftc.training.generate import CachedDecoder, RecomputeDecoder, decoder_for, exact_match, greedy, \
@@ -96,17 +96,16 @@ def load_decoder(args):
         return RecomputeDecoder(onnx_logits(args.onnx), "onnxruntime"), ref, f"{args.onnx} (ONNX Runtime)"
     if directory:
         print(f"loading {ref} with the adapter in {directory} ...", file=sys.stderr, flush=True)
-        model = compile_model(ref, parse_file(directory / manifest["spec"]))
-        model.load_adapter(directory)
+        model = load_run(directory, manifest, ref, args.dtype)
         what = f"{directory} on {ref}"
     else:
         print(f"loading {ref} (no adapter) ...", file=sys.stderr, flush=True)
         what = f"{ref} (base model, no adapter)"
         if not args.recompute:
-            base = load_model(ref)
+            base = load_model(ref, args.dtype or "auto")
             if getattr(base, "can_generate", lambda: False)():
                 return CachedDecoder(base), ref, what
-        model = compile_model(ref, "")
+        model = compile_model(ref, "", dtype=args.dtype or "auto")
     if model.kind != "causal-lm":
         raise PeftcError(f"'{ref}' is an encoder: eval and generate need a causal language model")
     if args.recompute:
@@ -160,6 +159,7 @@ def _inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--recompute", action="store_true",
                    help="decode by re-running the compiled graph on the whole sequence (no KV cache)")
+    add_dtype_option(p, None, "; default: as the directory's manifest says, else auto")
 
 
 def add_commands(sub) -> None:

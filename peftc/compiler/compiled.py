@@ -25,12 +25,14 @@ aten = torch.ops.aten
 
 
 def compile(model: nn.Module | str, spec: Spec | str | Path, *, filename: str | None = None,
-            seed: int | None = None) -> "CompiledModel":
-    """Capture ``model`` (a transformers model or a model reference) and rewrite it with ``spec``
-    (a parsed Spec, spec text, or a path to a spec file). With ``seed``, the inserted weights are
-    initialised from that seed (torch's global generator is left as it was); without, from torch's
-    global generator, as HF PEFT does."""
-    return compile_prepared(prepare(model), spec, filename=filename, seed=seed)
+            seed: int | None = None, dtype: str = "auto", autocast_adapter_dtype: bool = True) -> "CompiledModel":
+    """Capture ``model`` (a transformers model, or a model reference loaded in ``dtype``) and rewrite it
+    with ``spec`` (a parsed Spec, spec text, or a path to a spec file). With ``seed``, the inserted weights
+    are initialised from that seed (torch's global generator is left as it was); without, from torch's
+    global generator, as HF PEFT does. On a bfloat16/float16 model the inserted weights are float32 unless
+    ``autocast_adapter_dtype`` is False (HF PEFT's argument of the same name and meaning)."""
+    return compile_prepared(prepare(model, dtype), spec, filename=filename, seed=seed,
+                            autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 @dataclass
@@ -40,34 +42,37 @@ class Prepared:
     sites: ModelSites
     ref: str
     timings: dict[str, float]
+    dtype: torch.dtype              # of the model's floating-point weights
 
 
-def prepare(model: nn.Module | str) -> Prepared:
-    """Load (for a reference), capture and analyse ``model``. The timings name the capture ``capture``, or
-    ``capture_cached`` when it was a copy of an earlier capture of the same model object."""
+def prepare(model: nn.Module | str, dtype: str = "auto") -> Prepared:
+    """Load (for a reference, in ``dtype``), capture and analyse ``model``. The timings name the capture
+    ``capture``, or ``capture_cached`` when it was a copy of an earlier capture of the same model object."""
     ref = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or type(model).__name__
     timings: dict[str, float] = {}
     if isinstance(model, str):
         start = time.perf_counter()
-        model = load_model(model)
+        model = load_model(model, dtype)
         timings["load"] = time.perf_counter() - start
     captured = capture(model)
     timings["capture_cached" if captured.cached else "capture"] = captured.seconds
     start = time.perf_counter()
     sites = analyze(captured.gm)
     timings["analysis"] = time.perf_counter() - start
-    return Prepared(captured, sites, ref, timings)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return Prepared(captured, sites, ref, timings, dtype)
 
 
 def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: str | None = None,
-                     seed: int | None = None) -> "CompiledModel":
+                     seed: int | None = None, autocast_adapter_dtype: bool = True) -> "CompiledModel":
     if isinstance(spec, Path):
         spec = parse_file(spec)
     elif isinstance(spec, str):
         spec = parse(spec, filename)
     captured = prepared.captured
     ctx = CompileContext(gm=captured.gm, sites=prepared.sites, spec=spec, kind=captured.kind,
-                         model_ref=prepared.ref, config=captured.config)
+                         model_ref=prepared.ref, config=captured.config,
+                         autocast_adapter_dtype=autocast_adapter_dtype)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
@@ -77,6 +82,7 @@ def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: s
     model = CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
                           config=captured.config, model_ref=prepared.ref, timings=timings)
     model.base_program = captured.base
+    model.base_dtype, model.autocast_adapter_dtype = prepared.dtype, autocast_adapter_dtype
     return model
 
 
@@ -104,6 +110,10 @@ class CompiledModel(nn.Module):
         self.folded: list = []
         #: the capture's own program (peftc.graph.capture.BaseProgram), for an export without a second capture
         self.base_program = None
+        #: the dtype the base model was loaded in, and whether inserted weights are float32 on a
+        #: half-precision base (both recorded in a run directory, so it is rebuilt the same way)
+        self.base_dtype = torch.float32
+        self.autocast_adapter_dtype = True
         self.training = False
         self._set_dropout(False)
 
@@ -168,6 +178,7 @@ class CompiledModel(nn.Module):
                                config=self.config, model_ref=self.model_ref)
         merged.folded = folded
         merged.base_program = self.base_program
+        merged.base_dtype, merged.autocast_adapter_dtype = self.base_dtype, self.autocast_adapter_dtype
         merged.train(self.training)
         return merged
 

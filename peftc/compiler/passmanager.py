@@ -19,6 +19,7 @@ from peftc.lang.diagnostics import SpecError
 from peftc.errors import PassError, PeftcError
 
 META_KEY = "peftc"
+aten = torch.ops.aten
 
 
 @dataclass
@@ -40,6 +41,11 @@ class CompileContext:
     #: the model reference (for its tokenizer) and its Hugging Face config, when known
     model_ref: str | None = None
     config: Any = None
+    #: HF PEFT's ``autocast_adapter_dtype``: weights a pass inserts beside a bfloat16/float16 base are
+    #: float32, their input is cast to float32 and their result back; False keeps them in the base's dtype
+    autocast_adapter_dtype: bool = True
+    #: (node name, dtype) -> the one cast of that node to that dtype, shared by every pass that needs it
+    casts: dict[tuple[str, torch.dtype], Node] = field(default_factory=dict)
 
     def output_of(self, node_name: str) -> Node:
         """The node carrying a linear's output now: a pass that adds to or scales it builds on this."""
@@ -54,6 +60,25 @@ class CompileContext:
         own = {new, *inserted}
         tip.replace_all_uses_with(new, delete_user_cb=lambda user: user not in own)
         self.outputs[node_name] = new.name
+
+    def dtypes(self, node_name: str) -> tuple[torch.dtype, torch.dtype]:
+        """(base, adapter): the dtype the captured node ``node_name`` computes in, and the dtype of the
+        weights a pass inserts beside it (float32 on a half-precision base under autocast)."""
+        node = next(n for n in self.gm.graph.nodes if n.name == node_name)
+        base = node.meta["val"].dtype
+        half = base in (torch.float16, torch.bfloat16)
+        return base, torch.float32 if half and self.autocast_adapter_dtype else base
+
+    def cast(self, node: Node, dtype: torch.dtype, current: torch.dtype) -> Node:
+        """``node`` (of dtype ``current``) as ``dtype``: the node itself when they agree, else one
+        ``_to_copy`` right after it, made once and shared (so LoRA's A projections of one input still fuse)."""
+        if dtype == current:
+            return node
+        key = (node.name, dtype)
+        if key not in self.casts:
+            with self.gm.graph.inserting_after(node):
+                self.casts[key] = self.gm.graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+        return self.casts[key]
 
     def tag(self, node: Node, keyword: str, statement, index: int) -> Node:
         span = statement.span

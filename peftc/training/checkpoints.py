@@ -51,7 +51,8 @@ def file_sha256(path: str | Path) -> str:
 
 def run_identity(config: TrainConfig, spec_text: str, world: int, total: int) -> dict:
     """What a checkpoint records of the run, and a resumed run must match (:data:`RESUME_KEYS`)."""
-    return {"model": config.model, "spec_text": spec_text, "data_sha256": file_sha256(config.data),
+    return {"model": config.model, "dtype": config.dtype, "autocast_adapter_dtype": config.autocast_adapter_dtype,
+            "spec_text": spec_text, "data_sha256": file_sha256(config.data),
             "seed": config.seed, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
             "world_size": world, "max_length": config.max_length, "eval_split": config.eval_split,
             "chat": config.chat, "steps": total, "lr": config.lr, "schedule": config.schedule,

@@ -18,15 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftc.errors import PeftcError
-from peftc.models import DEFAULT_MODEL
+from peftc.models import DEFAULT_MODEL, DTYPES
 from peftc.rundir import MANIFEST, SPEC_FILE  # noqa: F401  (what `peftc export` and `eval` read)
 
 CHECKPOINTS = "checkpoints"
 SCHEDULES = ("constant", "linear", "cosine")
 #: options a resumed run must share with the run that wrote the checkpoint
-RESUME_KEYS = ("model", "spec_text", "data_sha256", "seed", "batch_size", "grad_accum", "world_size",
-               "max_length", "eval_split", "chat", "steps", "lr", "schedule", "warmup", "weight_decay",
-               "max_grad_norm")
+RESUME_KEYS = ("model", "dtype", "autocast_adapter_dtype", "spec_text", "data_sha256", "seed", "batch_size",
+               "grad_accum", "world_size", "max_length", "eval_split", "chat", "steps", "lr", "schedule", "warmup",
+               "weight_decay", "max_grad_norm")
 #: how a resume error names an identity key that is not a command-line option
 KEY_NAMES = {"spec_text": "the spec", "data_sha256": "the data file's sha256",
              "world_size": "the number of processes"}
@@ -55,6 +55,12 @@ class TrainConfig:
     out: str = required("directory for the adapter, checkpoints, train.log and loss.png; a non-empty one "
                         "needs --resume or --overwrite")
     model: str = option(DEFAULT_MODEL, "model reference (default %(default)s)")
+    dtype: str = option("auto", "precision to load the model in: auto (the checkpoint's own dtype; float32 "
+                                "for the built-ins and GGUF files), bf16, fp16 or fp32 (default %(default)s)",
+                        choices=tuple(DTYPES))
+    autocast_adapter_dtype: bool = option(True, "on a bf16/fp16 model keep the inserted weights in the model's "
+                                                "dtype instead of float32 (HF PEFT's autocast_adapter_dtype=False)",
+                                          flag="--no-autocast-adapter-dtype", negate=True)
     steps: int | None = option(None, "optimizer steps (default: one epoch, or --epochs)", group="length")
     epochs: float | None = option(None, "passes over the training data", group="length")
     batch_size: int = option(8, "examples per micro-batch and process (default %(default)s)")

@@ -200,7 +200,8 @@ def _build_model(config: TrainConfig, spec, dist_info: Dist, device: torch.devic
     """(the compiled model on ``device``, its trainable parameters by name, their AdamW)."""
     start = time.perf_counter()
     say(dist_info, f"loading, capturing and compiling {config.model} with {config.spec} ...")
-    model = compile_model(config.model, spec, seed=config.seed)
+    model = compile_model(config.model, spec, seed=config.seed, dtype=config.dtype,
+                          autocast_adapter_dtype=config.autocast_adapter_dtype)
     say(dist_info, f"compiled in {time.perf_counter() - start:.1f} s")
     if model.kind != "causal-lm":
         raise TrainError(f"peftc train trains causal language models; '{config.model}' is an encoder")

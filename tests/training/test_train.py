@@ -309,6 +309,22 @@ def test_training_learns_a_memorised_task(workdir):
 
 
 @pytest.mark.slow
+def test_training_a_bf16_model_learns_with_float32_adapters(workdir):
+    """bfloat16 training on the CPU: the base in bf16, the LoRA weights in float32 (HF PEFT's autocast).
+    Over seeds 0-3 on an AMD EPYC it reached final losses of 0.005-0.006 and 8 of 8 exact, as in float32;
+    the bounds are those of the float32 test, with the same margin."""
+    from dataclasses import replace
+    from peftc.training.generate import decoder_for, exact_match
+    result = train(replace(learns(workdir, "out", seed=0), dtype="bf16"))
+    assert result.model.base_dtype == torch.bfloat16
+    assert {p.dtype for p in result.model.adapter_parameters().values()} == {torch.float32}
+    assert result.history[0]["loss"] > 3 and result.loss < 0.1, [h["loss"] for h in result.history[::10]]
+    scored = exact_match(decoder_for(result.model.eval()), Codec(ByteTokenizer()), read_jsonl(workdir / "data.jsonl"))
+    assert scored.correct >= 7, scored.rows
+    assert json.loads((workdir / "out" / "peftc.json").read_text())["dtype"] == "bf16"
+
+
+@pytest.mark.slow
 def test_eval_and_generate_commands(workdir, capsys):
     write_jsonl(workdir / "data.jsonl", pairs(8))
     (workdir / "lora.peft").write_text(LEARN)

@@ -91,19 +91,27 @@ class AdapterPass(Pass):
                 _check_overlap(ctx, statement, site)
                 record = AdapterRecord(index, site, ctx.module_name("adapter"),
                                        after)
-                ctx.add_module(record.module, BottleneckAdapter(site.out_features, opts["bottleneck"]))
+                base, adapter = ctx.dtypes(site.node)
+                ctx.add_module(record.module, BottleneckAdapter(site.out_features, opts["bottleneck"]).to(adapter))
                 nodes = {n.name: n for n in graph.nodes}
                 tip = ctx.output_of(site.node)
                 source = input_of(nodes[inputs[layer].node], inputs[layer].kind) if opts["parallel"] else tip
                 with graph.inserting_before(tip.next):
                     attrs = [graph.get_attr(f"{record.module}.{name}")
                              for name in ("down.weight", "down.bias", "up.weight", "up.bias")]
+                    inserted = list(attrs)
+                    if adapter != base:      # as LoRA: computed in the adapter's dtype, the sum cast back
+                        source = graph.call_function(aten._to_copy.default, (source,), {"dtype": adapter})
+                        inserted.append(source)
                     down = graph.call_function(aten.linear.default, (source, attrs[0], attrs[1]))
                     act = graph.call_function(ACTIVATIONS[opts["act"]], (down,))
                     up = graph.call_function(aten.linear.default, (act, attrs[2], attrs[3]))
                     scaled = graph.call_function(aten.mul.Tensor, (up, float(opts["scale"])))
                     total = graph.call_function(aten.add.Tensor, (tip, scaled))
-                inserted = [*attrs, down, act, up, scaled, total]
+                    inserted += [down, act, up, scaled, total]
+                    if adapter != base:
+                        total = graph.call_function(aten._to_copy.default, (total,), {"dtype": base})
+                        inserted.append(total)
                 ctx.replace_output(site.node, total, inserted)
                 for node in inserted:
                     ctx.tag(node, self.keyword, statement, index)

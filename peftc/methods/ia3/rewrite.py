@@ -17,7 +17,7 @@ from peftc.compiler.record import Record
 from peftc.graph.analysis import LinearSite, input_of, weight_of
 from peftc.lang.diagnostics import SpecError
 from peftc.errors import PassError
-from peftc.graph.rewrite import remove_branch, set_weight
+from peftc.graph.rewrite import branch_input, remove_branch, set_weight
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
 from peftc.graph.targets import Selection, select
 
@@ -99,7 +99,8 @@ class Ia3Pass(Pass):
                 perm[[i for _, f in selection.features() for i in f]] = torch.arange(size)
             record = Ia3Record(index, site, ctx.module_name("ia3"),
                                feedforward, selection.roles)
-            ctx.add_module(record.module, Ia3Scales(size, perm))
+            base, adapter = ctx.dtypes(site.node)
+            ctx.add_module(record.module, Ia3Scales(size, perm).to(adapter))
             nodes = {n.name: n for n in graph.nodes}
             linear = nodes[site.node]
             anchor = input_of(linear, site.kind) if feedforward else ctx.output_of(site.node)
@@ -113,12 +114,20 @@ class Ia3Pass(Pass):
                     perm_node = graph.get_attr(f"{record.module}.perm")
                     scales = graph.call_function(aten.index_select.default, (padded, 0, perm_node))
                     inserted += [one, padded, perm_node, scales]
-                scaled = graph.call_function(aten.mul.Tensor, (anchor, scales))
+                # HF PEFT: the features in the scales' dtype, the product back in the base's dtype
+                source = anchor
+                if adapter != base:
+                    source = graph.call_function(aten._to_copy.default, (anchor,), {"dtype": adapter})
+                    inserted.append(source)
+                scaled = graph.call_function(aten.mul.Tensor, (source, scales))
                 inserted.append(scaled)
+                if adapter != base:
+                    scaled = graph.call_function(aten._to_copy.default, (scaled,), {"dtype": base})
+                    inserted.append(scaled)
             if feedforward:
                 linear.replace_input_with(anchor, scaled)
             else:
-                ctx.replace_output(site.node, scaled)
+                ctx.replace_output(site.node, scaled, inserted)
             for node in inserted:
                 ctx.tag(node, self.keyword, statement, index)
             record.nodes = [n.name for n in inserted]
@@ -140,7 +149,7 @@ class Ia3Pass(Pass):
         shape[axis] = -1
         set_weight(gm, linear, record.site.kind, weight * l.reshape(shape), f"{record.module}_merged_weight")
         if not record.feedforward:
-            tip = nodes[record.nodes[-1]].args[0]
+            tip = branch_input(nodes, record)
             for bias_node in _biases(linear, record.site.kind, tip):
                 owner, _, name = bias_node.target.rpartition(".")
                 bias = gm.get_parameter(bias_node.target).detach()

@@ -199,8 +199,10 @@ class LoraPass(Pass):
                                 r=opts["r"], alpha=float(opts["alpha"]), dropout=float(opts["dropout"]),
                                 rslora=bool(opts["rslora"]), init=opts["init"], roles=selection.roles,
                                 blocks=selection.features())
+            base, adapter = ctx.dtypes(site.node)
             ctx.add_module(record.module, LoraWeights(site.in_features, site.out_features, record.blocks,
-                                                      record.r, opts["init"]))
+                                                      record.r, opts["init"]).to(adapter))
+            x = ctx.cast(x, adapter, base)
             tip = ctx.output_of(site.node)
             with graph.inserting_before(tip.next):
                 a = graph.get_attr(f"{record.module}.lora_A")
@@ -220,7 +222,10 @@ class LoraPass(Pass):
                 scaled = graph.call_function(aten.mul.Tensor, (up, record.scale))
                 total = graph.call_function(aten.add.Tensor, (tip, scaled))
                 inserted += [down, up, scaled, total]
-            ctx.replace_output(site.node, total)
+                if adapter != base:     # HF PEFT: the sum in the adapter's dtype, then the base's dtype again
+                    total = graph.call_function(aten._to_copy.default, (total,), {"dtype": base})
+                    inserted.append(total)
+            ctx.replace_output(site.node, total, inserted)
             for node in inserted:
                 ctx.tag(node, self.keyword, statement, index)
             record.nodes, record.down = [n.name for n in inserted], down.name

@@ -64,9 +64,10 @@ def sdpa_args(node: Node) -> dict:
 
 
 def extend_attention(emit: Emit, sdpa: Node, key_prefix: Node, value_prefix: Node, tokens: int,
-                     heads: int, kv_heads: int) -> None:
+                     heads: int, kv_heads: int, dtype: torch.dtype = torch.float32) -> None:
     """Rewrite ``sdpa`` to attend over ``tokens`` prefix positions first. ``key_prefix``/``value_prefix``
-    are (kv_heads, P, head_dim) nodes; emitted nodes go before ``sdpa``. With ``enable_gqa`` SDPA repeats
+    are (kv_heads, P, head_dim) nodes of ``dtype`` (cast to the keys' dtype where that differs); emitted
+    nodes go before ``sdpa``. With ``enable_gqa`` SDPA repeats
     the heads itself, else prefixes are repeated like transformers' ``repeat_kv`` (head h reads kv head
     h // (heads / kv_heads))."""
     a = sdpa_args(sdpa)
@@ -81,7 +82,7 @@ def extend_attention(emit: Emit, sdpa: Node, key_prefix: Node, value_prefix: Nod
                 prefix = emit(aten.unsqueeze.default, prefix, 1)
                 prefix = emit(aten.expand.default, prefix, [kv_heads, rep, tokens, -1])
                 prefix = emit(aten.reshape.default, prefix, [heads, tokens, -1])
-            if k_val is not None and k_val.dtype != torch.float32:
+            if k_val is not None and k_val.dtype != dtype:
                 prefix = emit(aten._to_copy.default, prefix, dtype=k_val.dtype)
             prefix = emit(aten.unsqueeze.default, prefix, 0)
             expanded.append(emit(aten.expand.default, prefix, [batch, -1, -1, -1]))

@@ -153,12 +153,14 @@ class PrefixPass(Pass):
                    for i, s in enumerate(sites)]
         for record in records:
             s = record.site
-            ctx.add_module(record.module, PrefixWeights(s.kv_heads, tokens, s.head_dim, empty=hidden is not None))
+            ctx.add_module(record.module, PrefixWeights(s.kv_heads, tokens, s.head_dim, empty=hidden is not None)
+                           .to(ctx.dtypes(s.node)[1]))
         encoder = None
         if hidden is not None:
             encoder = PrefixEncoderRecord(statement=index, module="peftc_prefix_encoder", tokens=tokens,
                                           hidden=hidden, sites=sites)
-            ctx.add_module(encoder.module, PrefixEncoder(tokens, sites[0].token_dim, hidden, len(sites)))
+            ctx.add_module(encoder.module, PrefixEncoder(tokens, sites[0].token_dim, hidden, len(sites))
+                           .to(ctx.dtypes(sites[0].node)[1]))
             prefix_nodes = _emit_encoder(emit, encoder, records, nodes[sites[0].node])
         for record in records:
             s = record.site
@@ -169,7 +171,7 @@ class PrefixPass(Pass):
                     pair = (emit.attr(f"{record.module}.key"), emit.attr(f"{record.module}.value"))
             else:
                 pair = prefix_nodes[record.module]
-            extend_attention(emit, sdpa, pair[0], pair[1], tokens, s.heads, s.kv_heads)
+            extend_attention(emit, sdpa, pair[0], pair[1], tokens, s.heads, s.kv_heads, ctx.dtypes(s.node)[1])
             record.nodes = [n.name for n in emit.nodes[start:]]
         start = len(emit.nodes)
         shifted = shift_positions(emit, tokens)

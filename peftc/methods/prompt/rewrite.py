@@ -97,7 +97,7 @@ class PromptPass(Pass):
             init = self._text_init(ctx, statement, text, tokens, weight)
         record = PromptRecord(statement=index, site=PromptSite(ctx.sites.embed_path or "embed"),
                               module=f"peftc_prompt_{index}", tokens=tokens, dim=dim, init_text=text)
-        ctx.add_module(record.module, PromptWeights(tokens, dim, init))
+        ctx.add_module(record.module, PromptWeights(tokens, dim, init).to(ctx.dtypes(embed.name)[1]))
         inserted: list[Node] = []
 
         def emit(target, *args, **kwargs) -> Node:
@@ -112,7 +112,7 @@ class PromptPass(Pass):
             inserted.append(ctx.tag(prompt, self.keyword, statement, index))
             batch = emit(aten.sym_size.int, embed, 0)
             val = embed.meta.get("val")
-            if val is not None and val.dtype != torch.float32:
+            if val is not None and val.dtype != ctx.dtypes(embed.name)[1]:
                 prompt = emit(aten._to_copy.default, prompt, dtype=val.dtype)
             rows = emit(aten.expand.default, emit(aten.unsqueeze.default, prompt, 0), [batch, -1, -1])
             rest = emit(aten.slice.Tensor, embed, 1, tokens, END)
