@@ -179,6 +179,35 @@ def load_model(ref: str = DEFAULT_MODEL, dtype: str = "auto") -> torch.nn.Module
     return model.eval()
 
 
+def build_model(ref: str = DEFAULT_MODEL, dtype: str = "auto") -> torch.nn.Module:
+    """The model ``ref`` names, built from its config alone on the meta device: every weight has its shape
+    and dtype and no storage, so a model of any size is captured and analysed in little memory, and a
+    directory holding only ``config.json`` is enough (``peftc inspect``, ``peftc compile --dry-run``)."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    kind, directory = resolve(ref)
+    with torch.device("meta"):
+        if kind == "tiny":
+            model = TINY[ref]().to(DTYPES[dtype] or torch.float32)
+        else:
+            config, cls = _config_and_class(directory, ref)
+            model = cls.from_config(config, dtype=DTYPES[dtype] or _checkpoint_dtype(config))
+    model.config._name_or_path = ref
+    return model.eval()
+
+
+def _config_and_class(directory: Path, ref: str):
+    """The directory's config and the auto class peftc loads it with (a causal LM when it names one)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except Exception as exc:  # OSError, ValueError, KeyError... all mean "cannot read"
+        raise ModelError(f"cannot load model '{ref}' from {directory}: {exc}") from exc
+    archs = config.architectures or []
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    return config, AutoModelForCausalLM if causal else AutoModel
+
+
 def _checkpoint_dtype(config) -> torch.dtype:
     """The dtype a checkpoint's config names (``dtype``, ``torch_dtype`` before transformers 5), else float32."""
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -188,12 +217,8 @@ def _checkpoint_dtype(config) -> torch.dtype:
 
 
 def _load_hf_dir(directory: Path, ref: str, dtype: torch.dtype | None) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    config, cls = _config_and_class(directory, ref)
     try:
-        config = AutoConfig.from_pretrained(str(directory))
-        archs = config.architectures or []
-        cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
-                                          for a in archs) else AutoModel
         model, info = cls.from_pretrained(str(directory), dtype=dtype or _checkpoint_dtype(config),
                                           use_safetensors=True, output_loading_info=True)
     except Exception as exc:  # OSError, ValueError, KeyError... all mean "cannot load"

@@ -36,8 +36,9 @@ def _linears(prepared) -> tuple[list[dict], dict | None]:
 
 
 def cmd_inspect(args) -> int:
-    with step(f"loading and capturing {args.model}"):
-        prepared = prepare(args.model, args.dtype)
+    args.model = args.model_option or args.model
+    with step(f"building {args.model} from its config and capturing it"):
+        prepared = prepare(args.model, args.dtype, weights=False)       # shapes and roles need no weights
     sites = prepared.sites
     rows, embed = _linears(prepared)
     if args.json:
@@ -91,6 +92,8 @@ def cmd_explain(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("inspect", help="list a model's linears with their role, layer, shape and fused slices")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--model", dest="model_option", default=None, help="the model, as the positional argument "
+                   "(a directory with only config.json will do: no weight is read)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_dtype_option(p)
     p.set_defaults(func=cmd_inspect)

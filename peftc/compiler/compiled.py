@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 from peftc.graph.analysis import ModelSites, analyze
 from peftc.graph.capture import capture, deepcopy_quietly
 from peftc.compiler.memory import WeightBytes
-from peftc.models import load_model
+from peftc.models import build_model, load_model
 import peftc.methods.passes  # noqa: F401  (registers every method's pass and HF PEFT format)
 from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager
 from peftc.errors import AdapterError
@@ -45,14 +45,15 @@ class Prepared:
     dtype: torch.dtype              # of the model's floating-point weights
 
 
-def prepare(model: nn.Module | str, dtype: str = "auto") -> Prepared:
-    """Load (for a reference, in ``dtype``), capture and analyse ``model``. The timings name the capture
-    ``capture``, or ``capture_cached`` when it was a copy of an earlier capture of the same model object."""
+def prepare(model: nn.Module | str, dtype: str = "auto", *, weights: bool = True) -> Prepared:
+    """Load (for a reference, in ``dtype``; with ``weights=False`` built on the meta device from its config
+    alone), capture and analyse ``model``. The timings name the capture ``capture``, or ``capture_cached``
+    when it was a copy of an earlier capture of the same model object."""
     ref = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or type(model).__name__
     timings: dict[str, float] = {}
     if isinstance(model, str):
         start = time.perf_counter()
-        model = load_model(model, dtype)
+        model = load_model(model, dtype) if weights else build_model(model, dtype)
         timings["load"] = time.perf_counter() - start
     captured = capture(model)
     timings["capture_cached" if captured.cached else "capture"] = captured.seconds

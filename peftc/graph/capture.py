@@ -104,16 +104,9 @@ def capture(model: torch.nn.Module) -> Captured:
 
 def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tensor, max_seq: int) -> Captured:
     start = time.perf_counter()
+    kind, output = output_of(model)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        probe = model(input_ids=ids, attention_mask=mask, use_cache=False)
-    if getattr(probe, "logits", None) is not None:
-        kind, output = "causal-lm", "logits"
-    elif getattr(probe, "last_hidden_state", None) is not None:
-        kind, output = "encoder", "last_hidden_state"
-    else:
-        raise ModelError(f"{type(model).__name__} returns neither logits nor last_hidden_state")
     try:
         ep = torch.export.export(_Wrapper(model, output), (ids, mask),
                                  dynamic_shapes=dynamic_shapes(max_seq), strict=False)
@@ -127,6 +120,35 @@ def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tenso
         gm.recompile()
     return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start,
                     base=BaseProgram(ep, gm.code))
+
+
+def output_of(model: torch.nn.Module) -> tuple[str, str]:
+    """(kind, output field) from what the model is, without running it (its weights may be on the meta
+    device): a model with an output head gives ``logits``, a bare transformer its ``last_hidden_state``."""
+    if hasattr(type(model), "get_output_embeddings"):       # a transformers model: its class tells
+        if model.get_output_embeddings() is not None:
+            return "causal-lm", "logits"
+        if type(model).__name__.endswith("Model"):
+            return "encoder", "last_hidden_state"
+        raise ModelError(f"{type(model).__name__} has no output head and is not a base model: peftc captures "
+                         "a model's logits or a base model's last hidden state")
+    return _probe(model)
+
+
+def _probe(model: torch.nn.Module) -> tuple[str, str]:
+    """(kind, output field) of a module that is not a transformers model, from what one eager forward returns."""
+    ids, mask = example_inputs(vocab=min(32, getattr(model.config, "vocab_size", 32) or 32))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            probe = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        model.train(was_training)
+    for kind, output in (("causal-lm", "logits"), ("encoder", "last_hidden_state")):
+        if getattr(probe, output, None) is not None:
+            return kind, output
+    raise ModelError(f"{type(model).__name__} returns neither logits nor last_hidden_state")
 
 
 def grouped_query_attention(graph) -> int:

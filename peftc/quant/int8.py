@@ -19,7 +19,7 @@ def _quantize(weight: torch.Tensor) -> tuple[dict, tuple]:
                          f"{getattr(weight, 'dtype', type(weight).__name__)}")
     if weight.dim() != 2 or weight.numel() == 0:
         raise ModelError(f"int8 quantization is per row of a 2-D weight; got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
+    if not weight.is_meta and not torch.isfinite(weight).all():     # meta (a dry run): shapes, no values
         raise ModelError(f"the weight of shape {tuple(weight.shape)} contains NaN or inf; refusing to quantize it")
     with torch.no_grad():
         w = weight.detach()

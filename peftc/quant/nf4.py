@@ -80,12 +80,12 @@ def quantize_dynamic(values: torch.Tensor, block: int = DOUBLE_QUANT_BLOCK) -> t
     parts = [head.abs().amax(dim=1)] if head.numel() else []
     if tail is not None:
         parts.append(tail.abs().amax().reshape(1))
-    absmax = torch.cat(parts) if parts else torch.zeros(0)
+    absmax = torch.cat(parts) if parts else torch.zeros(0, device=flat.device)
     per_value = absmax.repeat_interleave(block)[:flat.numel()]
     safe = torch.where(per_value == 0, torch.ones_like(per_value), per_value)
     normed = torch.clamp(flat * (1.0 / safe), -1, 1)
     bins = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)
-    codes = _dynamic_lut()[bins]
+    codes = _dynamic_lut().to(bins.device)[bins]
     codes = torch.where(per_value == 0, torch.zeros_like(codes), codes)
     return codes, absmax
 
@@ -156,12 +156,14 @@ def _quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = T
             tail_max = tail.abs().max().clamp(min=1e-38)
             absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
             scaled = torch.cat([scaled, torch.clamp(tail / tail_max, -1, 1)])
-        if not torch.isfinite(absmax).all():      # a NaN or inf anywhere makes its block's absmax one
+        # a NaN or inf anywhere makes its block's absmax one (a weight on the meta device has no values:
+        # a dry-run compile quantizes shapes only)
+        if not weight.is_meta and not torch.isfinite(absmax).all():
             raise ModelError(f"the weight of shape {tuple(weight.shape)} contains NaN or inf; "
                              "refusing to quantize it")
         if scaled.numel() % 2:
             scaled = torch.nn.functional.pad(scaled, (0, 1))
-        midpoints = (CODE[:-1] + CODE[1:]) / 2
+        midpoints = ((CODE[:-1] + CODE[1:]) / 2).to(scaled.device)
         codes = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
         packed = (codes[::2] << 4) | codes[1::2]
         stored = {"packed": packed, "absmax": absmax, "absmax_scale": None, "absmax_offset": None}

@@ -82,7 +82,7 @@ def _own_storage(gm: GraphModule) -> None:
     weights) keep sharing it."""
     copies: dict[int, torch.UntypedStorage] = {}
     floats = [t for name, t in list(gm.named_parameters()) + list(gm.named_buffers())
-              if not name.startswith("peftc_quant_")]
+              if not name.startswith("peftc_quant_") and not t.is_meta]     # meta: no storage at all
     with torch.no_grad():
         for tensor in floats:
             storage = tensor.untyped_storage()
