@@ -16,6 +16,7 @@ import torch
 
 from .errors import ModelError
 from .fsutil import atomic_dir
+from .weights import parameters_on_meta
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,6 +164,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
+def checkpoint_dir(ref: str) -> Path | None:
+    """The Hugging Face directory whose safetensors hold ``ref``'s weights (a GGUF file is converted to one
+    once), or None for a built-in, whose weights are made in code."""
+    kind, directory = resolve(ref)
+    return directory if kind == "hf" and any(directory.glob("*.safetensors")) else None
+
+
 def load_model(ref: str = DEFAULT_MODEL, dtype: str = "auto") -> torch.nn.Module:
     """Load a model by reference, in eval mode, in ``dtype`` (one of :data:`DTYPES`; ``auto``: as the
     checkpoint stores it, float32 for the built-ins and GGUF files). Weights are read from safetensors only."""
@@ -179,19 +187,26 @@ def load_model(ref: str = DEFAULT_MODEL, dtype: str = "auto") -> torch.nn.Module
     return model.eval()
 
 
-def build_model(ref: str = DEFAULT_MODEL, dtype: str = "auto") -> torch.nn.Module:
-    """The model ``ref`` names, built from its config alone on the meta device: every weight has its shape
-    and dtype and no storage, so a model of any size is captured and analysed in little memory, and a
-    directory holding only ``config.json`` is enough (``peftc inspect``, ``peftc compile --dry-run``)."""
+def build_model(ref: str = DEFAULT_MODEL, dtype: str = "auto", *, meta: bool = True) -> torch.nn.Module:
+    """The model ``ref`` names, built from its config alone with its parameters on the meta device: every
+    weight has its shape and dtype and no storage, so a model of any size is captured and analysed in little
+    memory, and a directory holding only ``config.json`` is enough (``peftc inspect``, ``peftc compile
+    --dry-run``; a streamed load reads the weights in afterwards, :mod:`peftc.weights`). ``meta=False``
+    builds it with seeded random weights instead."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     kind, directory = resolve(ref)
-    with torch.device("meta"):
-        if kind == "tiny":
-            model = TINY[ref]().to(DTYPES[dtype] or torch.float32)
-        else:
-            config, cls = _config_and_class(directory, ref)
-            model = cls.from_config(config, dtype=DTYPES[dtype] or _checkpoint_dtype(config))
+    if kind == "tiny":
+        build = lambda: TINY[ref]().to(DTYPES[dtype] or torch.float32)  # noqa: E731
+    else:
+        config, cls = _config_and_class(directory, ref)
+        build = lambda: cls.from_config(config, dtype=DTYPES[dtype] or _checkpoint_dtype(config))  # noqa: E731
+    if not meta:        # seeded random weights, for a model whose graph needs values at capture
+        model = _seeded(build)
+    else:
+        with parameters_on_meta():
+            model = build()
+        model.tie_weights()           # skipped with the initialisation: a tied head is the embedding's tensor
     model.config._name_or_path = ref
     return model.eval()
 

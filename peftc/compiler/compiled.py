@@ -11,9 +11,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.graph.analysis import ModelSites, analyze
-from peftc.graph.capture import capture, deepcopy_quietly
+from peftc.graph.capture import capture, copy_graph_module
 from peftc.compiler.memory import WeightBytes
-from peftc.models import build_model, load_model
+from peftc.models import build_model, checkpoint_dir, load_model
+from peftc.weights import Checkpoint, materialize, meta_constants, meta_tensors
 import peftc.methods.passes  # noqa: F401  (registers every method's pass and HF PEFT format)
 from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager
 from peftc.errors import AdapterError
@@ -43,25 +44,53 @@ class Prepared:
     ref: str
     timings: dict[str, float]
     dtype: torch.dtype              # of the model's floating-point weights
+    #: a streamed model's checkpoint: the graph's base weights are on the meta device until the compile reads them
+    checkpoint: Checkpoint | None = None
 
 
 def prepare(model: nn.Module | str, dtype: str = "auto", *, weights: bool = True) -> Prepared:
-    """Load (for a reference, in ``dtype``; with ``weights=False`` built on the meta device from its config
-    alone), capture and analyse ``model``. The timings name the capture ``capture``, or ``capture_cached``
-    when it was a copy of an earlier capture of the same model object."""
+    """Capture and analyse ``model``: a model, or a reference built from its config with its parameters on
+    the meta device. A Hugging Face directory (and a GGUF file, converted to one) is then streamed: the
+    compile reads each weight from its safetensors into its final form (:mod:`peftc.weights`); with
+    ``weights=False`` nothing is read (a dry run). A built-in, or a checkpoint whose tensor names transformers
+    converts while loading, is loaded whole in ``dtype`` instead. The timings name the capture ``capture``,
+    or ``capture_cached`` when it was a copy of an earlier capture of the same model object."""
     ref = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or type(model).__name__
     timings: dict[str, float] = {}
+    checkpoint, built = None, False
     if isinstance(model, str):
         start = time.perf_counter()
-        model = load_model(model, dtype) if weights else build_model(model, dtype)
+        directory = checkpoint_dir(ref) if weights else None
+        built = bool(directory) or not weights
+        model = build_model(ref, dtype) if built else load_model(ref, dtype)
+        checkpoint = Checkpoint(directory) if directory else None
         timings["load"] = time.perf_counter() - start
     captured = capture(model)
+    sites = _analyze_built(captured, model, checkpoint) if built else None
+    if built and sites is None:        # the graph needs values the meta device has not: capture it with them
+        model = load_model(ref, dtype) if weights else build_model(ref, dtype, meta=False)
+        checkpoint, captured = None, capture(model)
     timings["capture_cached" if captured.cached else "capture"] = captured.seconds
     start = time.perf_counter()
-    sites = analyze(captured.gm)
+    sites = sites or analyze(captured.gm)
     timings["analysis"] = time.perf_counter() - start
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return Prepared(captured, sites, ref, timings, dtype)
+    return Prepared(captured, sites, ref, timings, dtype, checkpoint)
+
+
+def _analyze_built(captured, model, checkpoint: Checkpoint | None) -> ModelSites | None:
+    """The analysis of a model built with its parameters on the meta device, or None when that graph cannot
+    stand for the model: constants it computed from a weight's device (no values on meta), checkpoint names
+    the model does not use (transformers maps them while loading), or a slice probe that the random
+    stand-ins for the weights cannot run (an op with no kernel for what the meta graph computes)."""
+    if meta_constants(captured.gm, model):
+        return None
+    if checkpoint is not None and not all(checkpoint.has(name) for name, _ in meta_tensors(captured.gm)):
+        return None
+    try:
+        return analyze(captured.gm)
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: str | None = None,
@@ -73,13 +102,18 @@ def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: s
     captured = prepared.captured
     ctx = CompileContext(gm=captured.gm, sites=prepared.sites, spec=spec, kind=captured.kind,
                          model_ref=prepared.ref, config=captured.config,
-                         autocast_adapter_dtype=autocast_adapter_dtype)
+                         autocast_adapter_dtype=autocast_adapter_dtype, checkpoint=prepared.checkpoint)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         gm = PassManager(ctx).run()
     timings = dict(prepared.timings, passes=time.perf_counter() - start)
+    if prepared.checkpoint is not None:
+        start = time.perf_counter()
+        materialize(gm, prepared.checkpoint)        # what the passes did not read (quantized weights are in)
+        prepared.checkpoint.close()
+        timings["weights"] = time.perf_counter() - start
     model = CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
                           config=captured.config, model_ref=prepared.ref, timings=timings)
     model.base_program = captured.base
@@ -162,8 +196,9 @@ class CompiledModel(nn.Module):
 
     # --- fold and interchange ----------------------------------------------------------------------
     def merge(self) -> "CompiledModel":
-        """A copy with every foldable adapter folded into the base weights (checked for NaN/inf first)."""
-        gm = deepcopy_quietly(self.graph_module)
+        """A copy with every foldable adapter folded into the base weights (checked for NaN/inf first). It
+        shares every base weight no adapter changed with this model; a folded weight is a new tensor."""
+        gm = copy_graph_module(self.graph_module)
         kept, folded = [], []
         # records fold in the order the passes ran: a quantized base (phase quantize) turns back into the
         # float linear dequant(W) before the LoRA on it (rank 60) is added to that weight

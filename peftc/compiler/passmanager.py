@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +18,7 @@ from torch.fx import GraphModule, Node
 from peftc.graph.analysis import ModelSites
 from peftc.lang.diagnostics import SpecError
 from peftc.errors import PassError, PeftcError
+from peftc.weights import materialize
 
 META_KEY = "peftc"
 aten = torch.ops.aten
@@ -44,6 +46,8 @@ class CompileContext:
     #: HF PEFT's ``autocast_adapter_dtype``: weights a pass inserts beside a bfloat16/float16 base are
     #: float32, their input is cast to float32 and their result back; False keeps them in the base's dtype
     autocast_adapter_dtype: bool = True
+    #: a streamed model's checkpoint: its base tensors are on the meta device until read (value())
+    checkpoint: Any = None
     #: (node name, dtype) -> the one cast of that node to that dtype, shared by every pass that needs it
     casts: dict[tuple[str, torch.dtype], Node] = field(default_factory=dict)
 
@@ -60,6 +64,13 @@ class CompileContext:
         own = {new, *inserted}
         tip.replace_all_uses_with(new, delete_user_cb=lambda user: user not in own)
         self.outputs[node_name] = new.name
+
+    def value(self, target: str) -> torch.Tensor:
+        """The graph module's tensor ``target`` with its values: a streamed model's is read from the
+        checkpoint first and kept in place (a pass copying a base weight, a prompt read from the embedding)."""
+        if self.checkpoint is not None and attrgetter(target)(self.gm).is_meta:
+            materialize(self.gm, self.checkpoint, [target])
+        return attrgetter(target)(self.gm)
 
     def dtypes(self, node_name: str) -> tuple[torch.dtype, torch.dtype]:
         """(base, adapter): the dtype the captured node ``node_name`` computes in, and the dtype of the

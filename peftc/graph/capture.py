@@ -115,11 +115,31 @@ def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tenso
     finally:
         model.train(was_training)
     gm = ep.module()
+    if any(p.is_meta for p in gm.parameters()):
+        for graph in (gm.graph, ep.graph_module.graph):
+            on_cpu(graph)
     _freeze(gm)
     if grouped_query_attention(gm.graph):
         gm.recompile()
     return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start,
                     base=BaseProgram(ep, gm.code))
+
+
+META, CPU = torch.device("meta"), torch.device("cpu")
+
+
+def on_cpu(graph) -> None:
+    """Make a graph captured from a model whose weights were on the meta device compute on the CPU:
+    torch.export writes the device its example values had into the graph (``arange(..., device=meta)`` for
+    positions, device checks in ``_assert_tensor_metadata``), and the weights read in later are CPU tensors."""
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.kwargs.get("device") == META:
+            node.kwargs = {**node.kwargs, "device": CPU}
+        if any(a == META for a in node.args if isinstance(a, torch.device)):
+            node.args = tuple(CPU if isinstance(a, torch.device) and a == META else a for a in node.args)
+    graph.owning_module.recompile()
 
 
 def output_of(model: torch.nn.Module) -> tuple[str, str]:
@@ -247,8 +267,11 @@ def deepcopy_quietly(obj, memo: dict | None = None):
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:
     """A GraphModule with its own graph, submodules and node metadata dicts (whose values it shares), reading
-    the very parameter and buffer tensors of ``gm``: passes can rewrite the copy without touching ``gm``."""
-    out = deepcopy_quietly(gm, {id(t): t for t in chain(gm.parameters(), gm.buffers())})
+    the very parameter and buffer tensors of ``gm`` that do not require gradients (the frozen base; the
+    trainable ones are copied): passes and folds can rewrite the copy without touching ``gm``, and no base
+    weight is held twice. The copy's parameters are frozen."""
+    frozen = [t for t in chain(gm.parameters(), gm.buffers()) if not t.requires_grad]
+    out = deepcopy_quietly(gm, {id(t): t for t in frozen})
     _freeze(out)
     return out
 

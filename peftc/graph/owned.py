@@ -40,7 +40,7 @@ class OwnedRecord(Record):
 
 def own(ctx, site: LinearSite, method: str, statement, index: int, weight: bool, bias: bool) -> OwnedRecord:
     """Give ``site`` trainable copies of its weight and/or bias (a zero bias when it has none)."""
-    gm, graph = ctx.gm, ctx.gm.graph
+    graph = ctx.gm.graph
     nodes = {n.name: n for n in graph.nodes}
     linear = nodes[site.node]
     module = nn.Module()
@@ -52,11 +52,11 @@ def own(ctx, site: LinearSite, method: str, statement, index: int, weight: bool,
     if quantized and weight:
         raise PassError(f"{site.path} is quantized by a quant statement; {method} cannot train its weight")
     reader, weight_node = (None, None) if quantized else weight_of(linear, site.kind)
-    base_weight = None if quantized else gm.get_parameter(weight_node.target).detach()
+    base_weight = None if quantized else ctx.value(weight_node.target).detach()
     if weight:
         module.weight = nn.Parameter(base_weight.clone())
     if bias:
-        value = (gm.get_parameter(site.bias).detach().clone() if site.bias is not None
+        value = (ctx.value(site.bias).detach().clone() if site.bias is not None
                  else torch.zeros(site.out_features, dtype=torch.float32 if quantized else base_weight.dtype))
         module.bias = nn.Parameter(value)
     ctx.add_module(name, module)

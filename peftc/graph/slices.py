@@ -29,6 +29,19 @@ class _LeafInterpreter(Interpreter):
     def __init__(self, gm: GraphModule, leaves: set[str]):
         super().__init__(gm, garbage_collect_values=False)
         self.leaves = leaves
+        self.stand_ins: dict[str, torch.Tensor] = {}
+
+    def fetch_attr(self, target: str):
+        """A weight on the meta device (a model built from its config) probes as seeded random values: the
+        zeros of a gradient come from the graph's structure, not from the weights."""
+        value = super().fetch_attr(target)
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            if target not in self.stand_ins:
+                gen = torch.Generator().manual_seed(len(self.stand_ins))
+                self.stand_ins[target] = (torch.randn(value.shape, generator=gen).to(value.dtype)
+                                          if value.is_floating_point() else torch.zeros(value.shape, dtype=value.dtype))
+            value = self.stand_ins[target]
+        return value
 
     def run_node(self, n: Node):
         result = super().run_node(n)

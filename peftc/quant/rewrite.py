@@ -18,6 +18,7 @@ from peftc.quant import ops as qops
 from peftc.quant.scheme import Quantized, stored_bytes
 from peftc.graph.analysis import LinearSite, input_of, weight_of
 from peftc.errors import ModelError
+from peftc.weights import Checkpoint
 
 aten = torch.ops.aten
 
@@ -66,13 +67,17 @@ def _nodes(gm: GraphModule) -> dict[str, Node]:
     return {n.name: n for n in gm.graph.nodes}
 
 
-def float_weight(gm: GraphModule, site: LinearSite) -> torch.Tensor:
-    """The site's float weight as out × in (a Conv1D's in × out weight transposed)."""
+def float_weight(gm: GraphModule, site: LinearSite, checkpoint: Checkpoint | None = None) -> torch.Tensor:
+    """The site's float weight as out × in (a Conv1D's in × out weight transposed). A streamed model's
+    weight (still on the meta device) is read from ``checkpoint`` and not kept: what is quantized from it
+    is its only stored form."""
     node = _nodes(gm)[site.node]
     _reader, weight_node = weight_of(node, site.kind)
     if not (isinstance(weight_node, Node) and weight_node.op == "get_attr"):
         raise ModelError(f"{site.path} is not a linear with a stored weight; it cannot be quantized")
     weight = attrgetter(weight_node.target)(gm)
+    if weight.is_meta and checkpoint is not None:
+        weight = checkpoint.read(weight_node.target, weight)
     return weight.detach().T if site.kind == "conv1d" else weight.detach()
 
 

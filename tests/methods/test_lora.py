@@ -170,3 +170,18 @@ def test_seed_makes_initialisation_reproducible_and_leaves_global_rng(tiny):
     assert not torch.equal(first, a_weights(peftc.compile(tiny("tiny-llama"), "lora q r=4", seed=8)))
     unseeded = a_weights(peftc.compile(tiny("tiny-llama"), "lora q r=4"))
     assert not torch.equal(unseeded, a_weights(peftc.compile(tiny("tiny-llama"), "lora q r=4")))
+
+
+def test_merge_shares_every_weight_no_adapter_changed(tiny):
+    """merge() holds no second copy of the base: untouched weights are the very tensors of the unmerged
+    model, folded ones are new, and the unmerged model still trains afterwards."""
+    model = peftc.compile(tiny("tiny-llama"), "lora q, v r=4")
+    randomize_adapters(model)
+    merged = model.merge()
+    before = {n: t for n, t in model.graph_module.named_parameters() if not n.startswith("peftc_")}
+    after = dict(merged.graph_module.named_parameters())
+    folded = {n for n in before if n.endswith(("q_proj.weight", "v_proj.weight"))}
+    assert len(folded) == 8
+    for name, tensor in before.items():
+        assert (after[name] is tensor) == (name not in folded), name
+    assert all(p.requires_grad for p in model.adapter_parameters().values())

@@ -88,7 +88,7 @@ class PromptPass(Pass):
         tokens, text = statement.options["tokens"], statement.options.get("init")
         placeholders, embed = self._inputs(ctx, statement)
         gm, graph = ctx.gm, ctx.gm.graph
-        weight = gm.get_parameter(embed.args[0].target) if embed.args[0].op == "get_attr" else None
+        weight = ctx.value(embed.args[0].target) if embed.args[0].op == "get_attr" else None
         dim = int(weight.shape[1])
         check_allocation(statement, ctx.spec.source, tokens * dim, f"in a {tokens:,} × {dim} soft prompt",
                          "lower tokens")

@@ -55,7 +55,7 @@ class QuantPass(Pass):
                                ctx.spec.source)
         _check_overlap(ctx, statement, sites)
         for site in sites:
-            weight = float_weight(ctx.gm, site)
+            weight = float_weight(ctx.gm, site, ctx.checkpoint)
             stored = quantize_weight(weight, scheme, block_size=opts["block"], double_quant=opts["double_quant"])
             record = QuantRecord(statement=index, site=site, module=ctx.module_name("quant"), scheme=scheme,
                                  numel=weight.numel(), nbytes=stored.nbytes,
