@@ -21,6 +21,10 @@ from peftc.errors import ModelError
 from peftc.graph.capture import PREFIX
 
 INDEX = "model.safetensors.index.json"
+#: the dtype names of the safetensors format
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class Checkpoint:
@@ -38,6 +42,7 @@ class Checkpoint:
                 with safe_open(str(path), framework="pt") as f:
                     self.files.update({name: path for name in f.keys()})
         self._open: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     @staticmethod
     def key(target: str) -> str:
@@ -48,19 +53,43 @@ class Checkpoint:
     def has(self, target: str) -> bool:
         return self.key(target) in self.files
 
-    def read(self, target: str, like: torch.Tensor) -> torch.Tensor:
-        """The tensor ``target`` names, checked against ``like`` (its meta stand-in) and in its dtype."""
+    def read(self, target: str, like: torch.Tensor, *, mapped: bool = True) -> torch.Tensor:
+        """The tensor ``target`` names, checked against ``like`` (its meta stand-in) and in its dtype.
+        ``mapped``: backed by the memory-mapped file (a tensor the model keeps: its pages are read when
+        used); else read into memory of its own, which is returned when the tensor goes (a weight that is
+        quantized and dropped leaves no mapped pages behind)."""
         key = self.key(target)
         if key not in self.files:
             raise ModelError(f"{self.directory}'s safetensors have no tensor '{key}'")
         path = self.files[key]
-        if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
-        tensor = self._open[path].get_tensor(key)
+        if mapped:
+            if path not in self._open:
+                self._open[path] = safe_open(str(path), framework="pt")
+            tensor = self._open[path].get_tensor(key)
+        else:
+            tensor = self._read_unmapped(path, key)
         if tensor.shape != like.shape:
             raise ModelError(f"{self.directory}: '{key}' has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(like.shape)}")
         return tensor.to(like.dtype) if tensor.is_floating_point() else tensor
+
+    def _read_unmapped(self, path: Path, key: str) -> torch.Tensor:
+        """One tensor of a safetensors file by a plain read: the 8-byte header length, the JSON header
+        (dtype, shape, byte offsets after the header), then the bytes."""
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._headers[path] = (8 + size, json.loads(f.read(size)))
+        start, header = self._headers[path]
+        entry = header[key]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            f.readinto(buffer)
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"]) if buffer else \
+            torch.empty(entry["shape"], dtype=dtype)
 
     def close(self) -> None:
         self._open.clear()

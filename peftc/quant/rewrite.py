@@ -77,7 +77,7 @@ def float_weight(gm: GraphModule, site: LinearSite, checkpoint: Checkpoint | Non
         raise ModelError(f"{site.path} is not a linear with a stored weight; it cannot be quantized")
     weight = attrgetter(weight_node.target)(gm)
     if weight.is_meta and checkpoint is not None:
-        weight = checkpoint.read(weight_node.target, weight)
+        weight = checkpoint.read(weight_node.target, weight, mapped=False)
     return weight.detach().T if site.kind == "conv1d" else weight.detach()
 
 
