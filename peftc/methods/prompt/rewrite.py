@@ -6,11 +6,14 @@ P + T positions. The pass gets the same by rewriting the graph's inputs rather t
 
 - ``input_ids`` and ``attention_mask`` are padded on the left with P positions (token 0, mask 1) for every
   node that reads them, so all shapes and positions computed from them have P + T entries;
-- the token embedding's output has its first P rows replaced by the learned prompt;
+- the token embedding module's output has its first P rows replaced by the learned prompt: the output of
+  the module that looks the ids up, after whatever else it computes (Gemma's embedding multiplies by
+  √hidden inside the module; HF PEFT prepends the prompt to ``word_embeddings(input_ids)``, so the scale
+  applies to the input's rows, never to the prompt);
 - the output drops the first P positions, so the compiled model keeps the contract
   ``(input_ids, attention_mask) -> logits`` (or the last hidden state) of the original length.
 
-``init="text"`` starts the prompt from the embeddings of that text's tokens (HF PEFT's
+``init="text"`` starts the prompt from the embedding module's output for that text's tokens (HF PEFT's
 ``prompt_tuning_init="TEXT"``: the tokenizer's ids, repeated or cut to P); the default is N(0, 1), like
 HF PEFT's ``RANDOM``. The prompt is never folded: it stays a graph op in the merged model and the export."""
 from __future__ import annotations
@@ -87,17 +90,19 @@ class PromptPass(Pass):
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         tokens, text = statement.options["tokens"], statement.options.get("init")
         placeholders, embed = self._inputs(ctx, statement)
+        site = _module_output(ctx, statement, embed)      # what HF PEFT's word_embeddings(input_ids) returns
         gm, graph = ctx.gm, ctx.gm.graph
         weight = ctx.value(embed.args[0].target) if embed.args[0].op == "get_attr" else None
-        dim = int(weight.shape[1])
+        val = site.meta.get("val")
+        dim = int(val.shape[-1]) if val is not None else int(weight.shape[1])
         check_allocation(statement, ctx.spec.source, tokens * dim, f"in a {tokens:,} × {dim} soft prompt",
                          "lower tokens")
         init = None
         if text is not None:
-            init = self._text_init(ctx, statement, text, tokens, weight)
+            init = self._text_init(ctx, statement, text, tokens, weight, embed, site)
         record = PromptRecord(statement=index, site=PromptSite(ctx.sites.embed_path or "embed"),
                               module=f"peftc_prompt_{index}", tokens=tokens, dim=dim, init_text=text)
-        ctx.add_module(record.module, PromptWeights(tokens, dim, init).to(ctx.dtypes(embed.name)[1]))
+        ctx.add_module(record.module, PromptWeights(tokens, dim, init).to(ctx.dtypes(site.name)[1]))
         inserted: list[Node] = []
 
         def emit(target, *args, **kwargs) -> Node:
@@ -107,17 +112,16 @@ class PromptPass(Pass):
 
         _pad_inputs(graph, emit, inserted, placeholders, tokens)   # 1. every reader sees P + T positions
         # 2. the prompt replaces the embeddings of the P padding positions
-        with graph.inserting_before(embed.next):
+        with graph.inserting_before(site.next):
             prompt = graph.get_attr(f"{record.module}.embedding")
             inserted.append(ctx.tag(prompt, self.keyword, statement, index))
-            batch = emit(aten.sym_size.int, embed, 0)
-            val = embed.meta.get("val")
-            if val is not None and val.dtype != ctx.dtypes(embed.name)[1]:
+            batch = emit(aten.sym_size.int, site, 0)
+            if val is not None and val.dtype != ctx.dtypes(site.name)[1]:
                 prompt = emit(aten._to_copy.default, prompt, dtype=val.dtype)
             rows = emit(aten.expand.default, emit(aten.unsqueeze.default, prompt, 0), [batch, -1, -1])
-            rest = emit(aten.slice.Tensor, embed, 1, tokens, END)
+            rest = emit(aten.slice.Tensor, site, 1, tokens, END)
             joined = emit(aten.cat.default, [rows, rest], 1)
-        embed.replace_all_uses_with(joined, delete_user_cb=lambda u: u not in inserted)
+        site.replace_all_uses_with(joined, delete_user_cb=lambda u: u not in inserted)
         # 3. the output drops the prompt's positions
         output = next(n for n in graph.nodes if n.op == "output")
         with graph.inserting_before(output):
@@ -145,7 +149,8 @@ class PromptPass(Pass):
         return placeholders, embed
 
     @staticmethod
-    def _text_init(ctx: CompileContext, statement, text: str, tokens: int, weight: torch.Tensor):
+    def _text_init(ctx: CompileContext, statement, text: str, tokens: int, weight: torch.Tensor,
+                   embed: Node, site: Node):
         ref = ctx.model_ref
         where = statement.option_spans.get("init", statement.span)
         try:
@@ -160,7 +165,79 @@ class PromptPass(Pass):
         if int(ids.max()) >= weight.shape[0]:
             raise SpecError.at(where, f"the tokenizer of '{ref}' gives token id {int(ids.max())}, beyond the "
                                f"embedding's {weight.shape[0]} rows", ctx.spec.source)
-        return weight.detach()[ids].to(torch.float32)
+        rows = _run_module(ctx, embed, site, weight, ids)
+        if rows is None:
+            raise SpecError.at(where, f"init text cannot run the token embedding module "
+                               f"{ctx.sites.embed_path or 'of this model'} on the text's ids alone (its output "
+                               "depends on more than the ids); leave init out for a random prompt",
+                               ctx.spec.source)
+        return rows.to(torch.float32)
+
+
+def _in_module(node: Node, key: str) -> bool:
+    return key in (node.meta.get("nn_module_stack") or {})
+
+
+def _module_key(embed: Node) -> str | None:
+    """The nn_module_stack entry of the module call that runs the lookup ``embed``: the innermost, the
+    module that owns the embedding weight (HF PEFT's ``word_embeddings`` is the module of that weight)."""
+    stack = embed.meta.get("nn_module_stack")
+    return list(stack)[-1] if stack else None
+
+
+def _module_output(ctx: CompileContext, statement, embed: Node) -> Node:
+    """The output of the token embedding module: the node computed inside that module from the lookup
+    ``embed`` that is read outside it. For ``nn.Embedding`` that is the lookup itself; for Gemma's scaled
+    embedding, the product with √hidden."""
+    key = _module_key(embed)
+    if key is None:
+        return embed
+    region, seen, frontier = [], set(), [embed]
+    while frontier:
+        node = frontier.pop()
+        if node not in seen:
+            seen.add(node)
+            region.append(node)
+            frontier.extend(u for u in node.users if _in_module(u, key))
+    exits = [n for n in region if any(not _in_module(u, key) for u in n.users)]
+    if len(exits) > 1:
+        raise SpecError.at(statement.span, f"prompt needs the token embedding module "
+                           f"{ctx.sites.embed_path or 'of this model'} to return one tensor of embeddings; its "
+                           f"graph has {len(exits)} outputs computed from the lookup", ctx.spec.source)
+    return exits[0] if exits else embed
+
+
+class _NeedsMore(Exception):
+    """The token embedding module's output depends on a node outside the module (not the ids)."""
+
+
+def _run_module(ctx: CompileContext, embed: Node, site: Node, weight: torch.Tensor,
+                ids: torch.Tensor) -> torch.Tensor | None:
+    """The token embedding module's output for ``ids`` (1-D), computed by the captured graph's own nodes
+    from the lookup ``embed`` to the module's output ``site`` (HF PEFT's text init calls
+    ``word_embeddings(ids)``, Gemma's √hidden scale included); None when that output needs more than the ids
+    and the module's own tensors."""
+    key = _module_key(embed)
+    values: dict[Node, object] = {}
+
+    def value(node: Node):
+        if node not in values:
+            if node is embed:
+                out = aten.embedding.default(weight.detach(), ids[None], *map_arg(embed.args[2:], value))
+            elif node.op == "get_attr":
+                out = ctx.value(node.target)
+            elif node.op == "call_function" and key is not None and _in_module(node, key):
+                out = node.target(*map_arg(node.args, value), **map_arg(node.kwargs, value))
+            else:
+                raise _NeedsMore(node.name)
+            values[node] = out
+        return values[node]
+
+    try:
+        with torch.no_grad():
+            return value(site)[0].detach()
+    except _NeedsMore:
+        return None
 
 
 def _pad_inputs(graph, emit, inserted: list[Node], placeholders: list[Node], tokens: int) -> None:
