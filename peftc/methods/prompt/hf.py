@@ -7,7 +7,8 @@ Both hold one tensor, ``prompt_embeddings``:
   output, not the MLP, and so does peftc (a ``project=`` prefix is written folded);
 - prompt tuning: (P, hidden), the soft prompt itself.
 HF PEFT fills ``token_dim`` and ``num_attention_heads`` from the model config (for prefix tuning the key/
-value heads when the config has ``num_key_value_heads``); peftc writes the same values and refuses to write
+value heads when the config has ``num_key_value_heads``); peftc writes the same values, read through the
+config's attributes so that aliased names (``attribute_map``) count, and refuses to write
 a prefix whose shapes HF PEFT would compute differently (Falcon's multi-query attention)."""
 from __future__ import annotations
 
@@ -21,32 +22,39 @@ from peftc.models import resolve
 KEY = "prompt_embeddings"
 
 
-def _config_dict(model) -> dict:
+def _text_config(model):
+    """The model's config, or its ``text_config`` where it has one (a vision-language model: HF PEFT reads
+    the language model's sizes)."""
     config = getattr(model, "config", None)
-    if config is None:
-        return {}
-    out = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-    return out.get("text_config") or out
+    text = getattr(config, "text_config", None)
+    return text if text is not None else config
 
 
-def _first(config: dict, *names):
+def _first(config, *names):
+    """The first of ``names`` the config has a value for, read as attributes: a transformers config maps
+    its own names through ``attribute_map`` (DistilBERT's ``n_heads`` is ``num_attention_heads``), which
+    ``to_dict()`` does not."""
     for name in names:
-        if config.get(name) is not None:
-            return config[name]
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
     return None
 
 
 def hf_shapes(model, prefix: bool) -> dict:
     """num_layers, token_dim, num_attention_heads as HF PEFT's ``_prepare_prompt_learning_config`` sets
-    them for this model's config."""
-    config = _config_dict(model)
-    layers = getattr(model.config, "num_hidden_layers", None) or _first(config, "num_hidden_layers",
-                                                                        "num_layers", "n_layer")
+    them for this model's config, but with every name read through the config's attributes: HF PEFT reads
+    ``to_dict()``, which holds only a config's own names (DistilBERT's ``dim`` and ``n_heads``), and then
+    refuses a file that leaves those fields unset."""
+    config = _text_config(model)
+    layers = _first(getattr(model, "config", None), "num_hidden_layers") or _first(
+        config, "num_hidden_layers", "num_layers", "n_layer")
     token_dim = _first(config, "hidden_size", "n_embd", "d_model")
     heads = _first(config, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-    if prefix and "num_key_value_heads" in config and heads:
-        head_dim = config.get("head_dim") or token_dim // heads
-        token_dim, heads = head_dim * config["num_key_value_heads"], config["num_key_value_heads"]
+    kv_heads = _first(config, "num_key_value_heads")
+    if prefix and kv_heads and heads:
+        head_dim = _first(config, "head_dim") or token_dim // heads
+        token_dim, heads = head_dim * kv_heads, kv_heads
     return {"num_layers": layers, "token_dim": token_dim, "num_attention_heads": heads}
 
 
