@@ -101,6 +101,10 @@ def step_job(tool: str, method: str, model: str, step: bool) -> dict:
                                    bnb_4bit_compute_dtype=torch.bfloat16) if method == "qlora" else None
         base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, quantization_config=quant)
         hf = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        # a training step runs in train mode, as Trainer's does (from_pretrained returns the model in eval).
+        # In eval mode bitsandbytes repacks NF4 weights for a fused AVX512-BF16 CPU kernel (on CPUs that have
+        # it) whose rounding differs from dequantize + linear: the 1.5B first loss was 10.7745 that way
+        hf.train()
         params = [p for p in hf.parameters() if p.requires_grad]
         tensors = {id(t): t for t in (*hf.parameters(), *hf.buffers())}
         run = lambda ids: hf(input_ids=ids).logits  # noqa: E731
