@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from peftc.cli.progress import step
-from peftc.rundir import load_run, read_manifest
+from peftc.rundir import load_run, manifest_dtype, read_manifest
 from peftc.compiler.compiled import compile as compile_model, op_histogram
 from peftc.export.onnx import export_onnx
 from peftc.export.targets import export_target
-from peftc.models import load_model
+from peftc.models import dtype_name
 
 #: ONNX Runtime must match torch within this fraction of the largest logit, on every target. Float32 itself
 #: is not closer: on SmolLM2-135M torch's float32 logits (up to 35) are 1.2e-4 (3.4e-6 of 35) from a float64
@@ -33,17 +33,17 @@ def check(result) -> str | None:
 
 
 def _merged(args):
-    """(base model, compiled model with the directory's adapter, its merge, probe ids), with the merge's
-    effect printed."""
+    """(model reference, its dtype, compiled model with the directory's adapter, its merge, probe ids), with
+    the merge's effect printed."""
     directory, manifest, ref = read_manifest(args)
-    with step(f"loading {ref}"):
-        # in float32 whatever the run trained in: the export target (fp32, fp16, nf4, int4) is made from it
-        base_model = load_model(ref, "fp32")
-    with step("compiling and loading the adapter"):
-        model = load_run(directory, manifest, base_model)
+    dtype = manifest_dtype(manifest)
+    # in the dtype the run was compiled in, its weights streamed from the checkpoint: every target computes
+    # in float32 from these weights (peftc.export.precision), so no float32 copy of a half-precision model
+    with step(f"compiling {ref} ({dtype}) and loading the adapter"):
+        model = load_run(directory, manifest, ref)
     with step("merging"):
         merged = model.merge()
-    ids = torch.randint(0, min(base_model.config.vocab_size, 1000), (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, min(model.config.vocab_size, 1000), (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         merge_diff = (merged(ids) - model(ids)).abs().max().item()
     print(f"merged vs unmerged logits: max abs diff {merge_diff:.3g}")
@@ -51,14 +51,14 @@ def _merged(args):
     if dequantized:
         schemes = ", ".join(sorted({r.scheme for r in dequantized}))
         print(f"LoRA folded onto dequant(W) of the {len(dequantized)} {schemes} linears it trained against; "
-              f"merged weights are float32")
-    return base_model, merged, ids, bool(dequantized)
+              f"merged weights are {dtype_name(merged.base_dtype)}")
+    return ref, dtype, merged, ids, bool(dequantized)
 
 
-def _compare_base(args, base_model, merged, ids, dequantized: bool, result) -> bool:
+def _compare_base(args, ref: str, dtype: str, merged, ids, dequantized: bool, result) -> bool:
     """Export the base model too and compare operator counts: a merge that folded everything leaves the
     base model's graph. True when they are equal."""
-    base = compile_model(base_model, "")
+    base = compile_model(ref, "", dtype=dtype)
     with torch.no_grad():
         effect = (base(ids) - merged(ids)).abs().max().item()
     changes = "the adapter and the quantized base change" if dequantized else "the adapter changes"
@@ -78,7 +78,7 @@ def _compare_base(args, base_model, merged, ids, dequantized: bool, result) -> b
 
 
 def cmd_export(args) -> int:
-    base_model, merged, ids, dequantized = _merged(args)
+    ref, dtype, merged, ids, dequantized = _merged(args)
     target = "nf4" if args.nf4 else "int4" if args.int4 else args.dtype
     with step(f"exporting {args.onnx} ({target})"):
         if target == "fp32":
@@ -92,7 +92,7 @@ def cmd_export(args) -> int:
     if args.compare_base and target != "fp32":
         print(f"--compare-base compares operator counts of the fp32 export; a {target} export has other "
               "operators by design, so it is skipped")
-    elif args.compare_base and not _compare_base(args, base_model, merged, ids, dequantized, result):
+    elif args.compare_base and not _compare_base(args, ref, dtype, merged, ids, dequantized, result):
         print(f"export check failed: the merged model's operators differ from the base's (ONNX Runtime "
               f"check passed, tolerance {tolerance_of(result):.3g}; {args.onnx} is written)", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from peftc.graph.capture import deepcopy_quietly, dynamic_shapes, example_inputs
 from peftc.errors import ExportError
 from peftc.fsutil import atomic_path
 from peftc.export.lowerings import onnx_blockers, translation_table
+from peftc.export.precision import STORED, float32_compute, fold_weight_casts, keeps_weight_casts
 
 
 @dataclass
@@ -64,13 +65,13 @@ def _verify_inputs(module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = True,
-                external_data: bool | None = None,
-                postprocess: Callable[[Path], None] | None = None,
+                external_data: bool | None = None, weights: str = "fp32",
                 check: Callable[[ExportResult], str | None] | None = None) -> ExportResult:
     """Export ``module`` (a CompiledModel, merged or not, or any module taking input_ids and
     attention_mask) to ``path``. Runs onnx.checker and, with ``verify``, ONNX Runtime against torch.
-    ``postprocess`` may rewrite the written file (weights kept inside it) before it is checked;
-    ``check(result)`` may refuse a verified result by returning the reason (a tolerance, say).
+    The file computes in float32 and stores its weights as ``weights`` ("fp32" or "fp16"), whatever dtype
+    ``module`` holds them in (see :mod:`peftc.export.precision`); it is verified against ``module`` computing
+    the same way. ``check(result)`` may refuse a verified result by returning the reason (a tolerance, say).
 
     The file is written, checked and verified under a temporary name beside ``path`` (its external data,
     if any, under a temporary name too, which the temporary model names) and only a file that passed is
@@ -79,15 +80,15 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
     just before the model to ``NAME``, so between those two renames the pair is briefly mismatched."""
     import onnx
     path = Path(path)
-    module = tensor_output(module)
+    if weights not in STORED:
+        raise ExportError(f"{path}: weights are stored as {' or '.join(STORED)}, not '{weights}'")
+    module = float32_compute(tensor_output(module), STORED[weights])
     seconds: dict[str, float] = {}
     program, route = _to_onnx(module, path, seconds)
     start = time.perf_counter()
-    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     use_external = size > 1 << 30 if external_data is None else external_data
     data_name = path.name + ".data"
-    if postprocess is not None and use_external:
-        raise ExportError(f"{path}: rewriting a model whose weights are in an external file is not supported")
     existed = path.exists()
 
     def refused(reason: str) -> ExportError:
@@ -97,8 +98,6 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = Tru
         tmp_data = tmp.with_name(tmp.name + ".data")      # where the exporter puts tmp's external data
         try:
             program.save(str(tmp), external_data=use_external)
-            if postprocess is not None:
-                postprocess(tmp)
             onnx.checker.check_model(str(tmp))
             seconds["save"] = time.perf_counter() - start
             total = tmp.stat().st_size + (tmp_data.stat().st_size if use_external else 0)
@@ -275,8 +274,9 @@ def _convert(ep: torch.export.ExportedProgram, args: tuple) -> tuple[object, str
         program = _core._exported_program_to_onnx_program(ep, registry=registry)
         _ir_passes.rename_inputs(program.model, INPUT_NAMES)
         _ir_passes.rename_outputs(program.model, OUTPUT_NAMES)
-    onnxscript.optimizer.fold_constants(program.model)
+    onnxscript.optimizer.fold_constants(program.model, should_fold=keeps_weight_casts)
     onnxscript.optimizer.remove_unused_nodes(program.model)
+    fold_weight_casts(program.model)
     return program, route
 
 

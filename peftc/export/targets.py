@@ -18,10 +18,10 @@ import torch
 
 from peftc.compiler.compiled import CompiledModel
 from peftc.graph.analysis import LinearSite
-from peftc.graph.capture import deepcopy_quietly
+from peftc.graph.capture import copy_graph_module
 from peftc.errors import ExportError
 from peftc.export.onnx import ExportResult, _verify_inputs, export_onnx
-from peftc.export.fp16 import MIN_ELEMENTS, weights_to_fp16
+from peftc.export.precision import STORED, float32_compute
 from peftc.export.lowerings import MATMULBNB4_BLOCKS
 from peftc.quant.rewrite import QuantizedWeight, float_weight, quantize_site, quantize_weight
 
@@ -70,15 +70,9 @@ def target_model(merged, target: str, *, block: int | None = None):
     """The torch model a target's ONNX file computes: the reference its ONNX Runtime output is checked against."""
     if target not in TARGETS:
         raise ExportError(f"unknown export target '{target}'; targets: {', '.join(TARGETS)}")
-    if target == "fp32":
-        return merged
-    gm = deepcopy_quietly(merged.graph_module)
-    if target == "fp16":
-        with torch.no_grad():
-            for param in gm.parameters():
-                if param.dtype == torch.float32 and param.numel() >= MIN_ELEMENTS:
-                    param.copy_(param.half().float())
-        return _copy_model(merged, gm)
+    if target in STORED:
+        return float32_compute(merged, STORED[target])
+    gm = copy_graph_module(merged.graph_module)
     for i, (site, site_block, double_quant) in enumerate(requantize_plan(merged)):
         chosen = block or site_block
         if target == "nf4" and chosen not in MATMULBNB4_BLOCKS:
@@ -88,7 +82,7 @@ def target_model(merged, target: str, *, block: int | None = None):
         quantize_site(gm, site, f"peftc_{target}_{i}", stored)
     gm.graph.lint()
     gm.recompile()
-    return _copy_model(merged, gm)
+    return float32_compute(_copy_model(merged, gm))
 
 
 def _logits(model, ids, mask) -> np.ndarray:
@@ -102,11 +96,12 @@ def export_target(merged, path: str | Path, target: str = "fp32", *, block: int 
     :func:`peftc.export.onnx.export_onnx` (``check`` is its), ``path`` only ever receives a file that passed
     the ONNX Runtime check; a failure leaves the previous one."""
     model = target_model(merged, target, block=block)
-    result = export_onnx(model, path, postprocess=weights_to_fp16 if target == "fp16" else None, check=check)
+    result = export_onnx(model, path, weights="fp16" if target == "fp16" else "fp32", check=check)
     ids, mask = _verify_inputs(merged)
     real = mask.numpy().astype(bool)
-    reference = _logits(merged, ids, mask)
-    moved = 0.0 if model is merged else float(np.abs(_logits(model, ids, mask) - reference)[real].max())
+    exact = float32_compute(merged)
+    reference = _logits(exact, ids, mask)
+    moved = 0.0 if target == "fp32" else float(np.abs(_logits(model, ids, mask) - reference)[real].max())
     quantized = [m for m in model.graph_module.modules() if isinstance(m, QuantizedWeight)]
     bits = (8 * sum(m.nbytes for m in quantized) / sum(m.numel for m in quantized)) if quantized else None
     return TargetResult(target, result, moved, float(np.abs(reference[real]).max()), len(quantized), bits)
