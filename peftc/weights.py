@@ -9,7 +9,10 @@ So peak memory is the compiled model plus one tensor, not the float model plus i
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
+import platform
 from operator import attrgetter
 from pathlib import Path
 
@@ -133,6 +136,34 @@ def meta_constants(gm: nn.Module, model: nn.Module) -> list[str]:
             if isinstance(value, torch.Tensor) and value.is_meta:
                 found.append(node.target)
     return found
+
+
+#: glibc's mallopt parameter, and the threshold its allocator grows to by itself (64-bit)
+_M_MMAP_THRESHOLD, _GROWN_THRESHOLD = -3, 32 << 20
+
+
+@functools.cache
+def _glibc():
+    return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
+
+
+@contextlib.contextmanager
+def transient_buffers_unmapped():
+    """While weights are read (and quantized) one at a time, make every buffer of 1 MiB or more a mapping of
+    its own, returned to the system when it is freed. glibc's allocator raises its mmap threshold after the
+    first such buffer is freed (up to 32 MiB), and from then on the float copies and the quantizer's
+    temporaries come from the heap, which does not shrink: on a 0.5B QLoRA compile that was 0.3 to 0.7 GiB
+    more peak memory, different in every run. Afterwards the threshold stays at the 32 MiB the allocator
+    would have grown to. No effect off glibc."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GROWN_THRESHOLD)
 
 
 def materialize(gm: nn.Module, checkpoint: Checkpoint, names: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """``peftc.compile`` and :class:`CompiledModel`, the trainable rewritten model."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from peftc.graph.analysis import ModelSites, analyze
 from peftc.graph.capture import capture, copy_graph_module
 from peftc.compiler.memory import WeightBytes
 from peftc.models import build_model, checkpoint_dir, load_model
-from peftc.weights import Checkpoint, materialize, meta_constants, meta_tensors
+from peftc.weights import Checkpoint, materialize, meta_constants, meta_tensors, transient_buffers_unmapped
 import peftc.methods.passes  # noqa: F401  (registers every method's pass and HF PEFT format)
 from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager
 from peftc.errors import AdapterError
@@ -104,16 +105,18 @@ def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: s
                          model_ref=prepared.ref, config=captured.config,
                          autocast_adapter_dtype=autocast_adapter_dtype, checkpoint=prepared.checkpoint)
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        gm = PassManager(ctx).run()
-    timings = dict(prepared.timings, passes=time.perf_counter() - start)
-    if prepared.checkpoint is not None:
-        start = time.perf_counter()
-        materialize(gm, prepared.checkpoint)        # what the passes did not read (quantized weights are in)
-        prepared.checkpoint.close()
-        timings["weights"] = time.perf_counter() - start
+    streamed = transient_buffers_unmapped() if prepared.checkpoint is not None else contextlib.nullcontext()
+    with streamed:
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            gm = PassManager(ctx).run()
+        timings = dict(prepared.timings, passes=time.perf_counter() - start)
+        if prepared.checkpoint is not None:
+            start = time.perf_counter()
+            materialize(gm, prepared.checkpoint)        # what the passes did not read (quantized weights are in)
+            prepared.checkpoint.close()
+            timings["weights"] = time.perf_counter() - start
     model = CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
                           config=captured.config, model_ref=prepared.ref, timings=timings)
     model.base_program = captured.base

@@ -122,7 +122,23 @@ def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tenso
     if grouped_query_attention(gm.graph):
         gm.recompile()
     return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start,
-                    base=BaseProgram(ep, gm.code))
+                    base=BaseProgram(weightless(ep), gm.code))
+
+
+def weightless(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` with every weight and constant tensor replaced by a meta tensor of its shape and dtype: what a
+    :class:`BaseProgram` keeps, which names the tensors a compiled model supplies. Holding the capture's own
+    tensors would keep the float weights a quant pass replaced alive for as long as the compiled model."""
+    def meta(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        empty = torch.empty(value.shape, dtype=value.dtype, device=META)
+        return torch.nn.Parameter(empty, requires_grad=False) if isinstance(value, torch.nn.Parameter) else empty
+    return torch.export.ExportedProgram(
+        root=ep.graph_module, graph=ep.graph, graph_signature=ep.graph_signature,
+        state_dict={name: meta(t) for name, t in ep.state_dict.items()}, range_constraints=ep.range_constraints,
+        module_call_graph=ep.module_call_graph, constants={name: meta(t) for name, t in ep.constants.items()},
+        verifiers=ep.verifiers)
 
 
 META, CPU = torch.device("meta"), torch.device("cpu")
