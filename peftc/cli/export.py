@@ -9,6 +9,8 @@ import torch
 from peftc.cli.progress import step
 from peftc.rundir import load_run, manifest_dtype, read_manifest
 from peftc.compiler.compiled import compile as compile_model, op_histogram
+from peftc.errors import PeftcError
+from peftc.export.hf import export_hf
 from peftc.export.onnx import export_onnx
 from peftc.export.targets import export_target
 from peftc.models import dtype_name
@@ -78,7 +80,14 @@ def _compare_base(args, ref: str, dtype: str, merged, ids, dequantized: bool, re
 
 
 def cmd_export(args) -> int:
+    if args.hf and (args.nf4 or args.int4 or args.dtype != "fp32" or args.block or args.compare_base):
+        raise PeftcError("--hf writes the merged weights in the run's own dtype: --dtype, --nf4, --int4, "
+                         "--block and --compare-base are options of --onnx")
     ref, dtype, merged, ids, dequantized = _merged(args)
+    if args.hf:
+        with step(f"writing the merged Hugging Face checkpoint {args.hf}"):
+            print(export_hf(merged, args.hf))
+        return 0
     target = "nf4" if args.nf4 else "int4" if args.int4 else args.dtype
     with step(f"exporting {args.onnx} ({target})"):
         if target == "fp32":
@@ -100,9 +109,12 @@ def cmd_export(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("export", help="merge a compiled adapter and export verified ONNX")
+    p = sub.add_parser("export", help="merge a compiled adapter and export verified ONNX or a Hugging Face checkpoint")
     p.add_argument("dir", help="a directory written by 'peftc compile'")
-    p.add_argument("--onnx", required=True, help="the .onnx file to write")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--onnx", help="the .onnx file to write")
+    out.add_argument("--hf", metavar="DIR", help="write the merged model as a Hugging Face checkpoint directory "
+                                                  "(config.json, safetensors in the run's dtype, tokenizer files)")
     p.add_argument("--model", default=None, help="override the model named in the directory")
     p.add_argument("--compare-base", action="store_true",
                    help="also export the base model and compare operator counts (fp32 target)")

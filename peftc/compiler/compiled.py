@@ -211,6 +211,12 @@ class CompiledModel(nn.Module):
                 continue
             record.fold(gm)
             folded.append(record)
+        if self.base_dtype != torch.float32:     # dequant(W) (+ what folded onto it) was computed in float32
+            for name in (n for record in folded for n in record.folded_weights()):
+                owner, _, attr = name.rpartition(".")
+                module = gm.get_submodule(owner)
+                module.register_parameter(attr, nn.Parameter(getattr(module, attr).detach().to(self.base_dtype),
+                                                             requires_grad=False))
         gm.graph.lint()
         gm.recompile()
         merged = CompiledModel(gm, spec=self.spec, sites=self.sites, records=kept, kind=self.kind,

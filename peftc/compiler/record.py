@@ -48,6 +48,13 @@ class Record:
         """Its trainable parameters by their short name (``lora_A``...)."""
         return {}
 
+    def folded_weights(self) -> dict[str, str | None]:
+        """After :meth:`fold`: the weights it left on the graph module under names of its own, by attribute
+        name, each with the base weight it stands for (a quantized linear's dequant(W) replaces the weight
+        that was quantized; None where the base has no such weight, as a bias bitfit added). Merge casts
+        them to the base dtype; a Hugging Face checkpoint stores them under the base weight's name."""
+        return {}
+
     def fold(self, gm: GraphModule) -> None:
         """Merge it into the base weights of ``gm`` and remove what it inserted (``foldable`` records)."""
         raise PassError(f"a {self.method} record at {self.key} does not fold into the base weights")

@@ -20,6 +20,7 @@ from itertools import chain
 import torch
 from torch.utils._pytree import tree_map
 
+from peftc.compiler.compiled import CompiledModel
 from peftc.graph.capture import copy_graph_module
 
 #: weights with fewer elements (norm scales, small constants) are stored in float32 in an ``fp16`` file
@@ -41,7 +42,6 @@ def needs_view(gm: torch.fx.GraphModule, stored: torch.dtype) -> bool:
 def float32_compute(model, stored: torch.dtype = torch.float32):
     """``model`` (a CompiledModel) as a model computing in float32 from its weights rounded to ``stored``,
     sharing its weight tensors; ``model`` itself when it already is one."""
-    from peftc.compiler.compiled import CompiledModel
     gm = getattr(model, "graph_module", None)
     if (not isinstance(model, CompiledModel) or gm is None or getattr(model, "stored_dtype", None) == stored
             or not needs_view(gm, stored)):

@@ -37,6 +37,11 @@ class OwnedRecord(Record):
     def fold(self, gm: GraphModule) -> None:
         freeze(gm, self)
 
+    def folded_weights(self) -> dict[str, str | None]:
+        """The trained copies, each with the base weight it replaces (None for a bias the linear lacked)."""
+        base = {"weight": self.site.weight, "bias": self.site.bias}
+        return {f"{self.module}.{name}": base[name] for name in self.names}
+
 
 def own(ctx, site: LinearSite, method: str, statement, index: int, weight: bool, bias: bool) -> OwnedRecord:
     """Give ``site`` trainable copies of its weight and/or bias (a zero bias when it has none)."""

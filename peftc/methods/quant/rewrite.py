@@ -40,6 +40,9 @@ class QuantRecord(Record):
     def fold(self, gm: GraphModule) -> None:
         QuantPass.fold_site(gm, self)
 
+    def folded_weights(self) -> dict[str, str]:
+        return {f"{self.module}_weight": self.site.weight}
+
 
 @register
 class QuantPass(Pass):
@@ -72,7 +75,8 @@ class QuantPass(Pass):
     def fold_site(gm: GraphModule, record: QuantRecord) -> None:
         """Put ``dequant(W)`` back as the site's float weight (what a LoRA on it trained against)."""
         _node, _scheme, _layout, module = quantized_parts(gm, record.site)
-        dequantize_site(gm, record.site, module.dequantize(), f"{record.module}_weight")
+        (name,) = record.folded_weights()
+        dequantize_site(gm, record.site, module.dequantize(), name)
 
 
 def _own_storage(gm: GraphModule) -> None:
