@@ -135,6 +135,13 @@ def _converted_gguf_dir(gguf: Path) -> Path:
     return target
 
 
+def source_gguf(ref: str) -> Path | None:
+    """The GGUF file a model reference is read from (the default model's, or a ``.gguf`` path), else None."""
+    if ref == DEFAULT_MODEL:
+        return smollm2_gguf()
+    return Path(ref) if str(ref).endswith(".gguf") else None
+
+
 def resolve(ref: str) -> tuple[str, Path | None]:
     """Return (kind, directory) for a reference: kind is 'tiny' or 'hf'."""
     if ref in TINY:

@@ -10,6 +10,7 @@ from peftc.cli.progress import step
 from peftc.rundir import load_run, manifest_dtype, read_manifest
 from peftc.compiler.compiled import compile as compile_model, op_histogram
 from peftc.errors import PeftcError
+from peftc.export.gguf import GGUF_TYPES, export_gguf
 from peftc.export.hf import export_hf
 from peftc.export.onnx import export_onnx
 from peftc.export.targets import export_target
@@ -80,13 +81,20 @@ def _compare_base(args, ref: str, dtype: str, merged, ids, dequantized: bool, re
 
 
 def cmd_export(args) -> int:
-    if args.hf and (args.nf4 or args.int4 or args.dtype != "fp32" or args.block or args.compare_base):
-        raise PeftcError("--hf writes the merged weights in the run's own dtype: --dtype, --nf4, --int4, "
-                         "--block and --compare-base are options of --onnx")
+    onnx_options = args.nf4 or args.int4 or args.dtype != "fp32" or args.block or args.compare_base
+    if (args.hf or args.gguf) and onnx_options:
+        raise PeftcError(f"{'--hf' if args.hf else '--gguf'} writes the merged weights itself: --dtype, --nf4, "
+                         "--int4, --block and --compare-base are options of --onnx")
+    if args.gguf_type and not args.gguf:
+        raise PeftcError("--gguf-type is an option of --gguf")
     ref, dtype, merged, ids, dequantized = _merged(args)
     if args.hf:
         with step(f"writing the merged Hugging Face checkpoint {args.hf}"):
             print(export_hf(merged, args.hf))
+        return 0
+    if args.gguf:
+        with step(f"writing {args.gguf}"):
+            print(export_gguf(merged, args.gguf, args.gguf_type or "f16"))
         return 0
     target = "nf4" if args.nf4 else "int4" if args.int4 else args.dtype
     with step(f"exporting {args.onnx} ({target})"):
@@ -115,6 +123,9 @@ def add_commands(sub) -> None:
     out.add_argument("--onnx", help="the .onnx file to write")
     out.add_argument("--hf", metavar="DIR", help="write the merged model as a Hugging Face checkpoint directory "
                                                   "(config.json, safetensors in the run's dtype, tokenizer files)")
+    out.add_argument("--gguf", metavar="FILE", help="write the merged model as one GGUF file (LLaMA family)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                   help="tensor type of --gguf's 2-D weights (default f16; norms stay f32)")
     p.add_argument("--model", default=None, help="override the model named in the directory")
     p.add_argument("--compare-base", action="store_true",
                    help="also export the base model and compare operator counts (fp32 target)")
