@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from peftc.errors import ExportError
@@ -20,6 +19,9 @@ from peftc.export.hf import base_state
 from peftc.fsutil import atomic_path
 from peftc.models import source_gguf
 
+#: (the gguf package is imported where a file is written: importing it before a compile keeps the capture's
+#: GraphModule, and so a passed model's float weights, alive after the compile, held from outside Python's
+#: reference graph; seen with gguf 0.18 and torch 2.13, cause not found)
 GGUF_TYPES = ("f32", "f16", "q8_0")
 #: model_type → GGUF architecture this writer names tensors and metadata for
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
@@ -49,6 +51,7 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
 def export_gguf(merged, path: str | Path, gguf_type: str = "f16") -> GGUFExportResult:
     """Write ``merged`` (a merge that folded everything, of a LLaMA-family model) to the GGUF file ``path``;
     the file is written under a temporary name and renamed into place once it has been read back whole."""
+    import gguf
     path = Path(path)
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"{path}: --gguf-type is one of {', '.join(GGUF_TYPES)}, not '{gguf_type}'")
@@ -92,6 +95,7 @@ def export_gguf(merged, path: str | Path, gguf_type: str = "f16") -> GGUFExportR
 
 def _add_metadata(writer, merged, gguf_type: str) -> None:
     """llama.cpp's LLaMA hyperparameters, from the model's config."""
+    import gguf
     config = merged.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -115,6 +119,7 @@ def _add_metadata(writer, merged, gguf_type: str) -> None:
 
 def _add_tensor(writer, name: str, tensor, gguf_type: str, heads: int, kv_heads: int) -> None:
     """One tensor in llama.cpp's layout and type: Q and K rows permuted; 2-D weights in ``gguf_type``."""
+    import gguf
     data = tensor.detach().float().numpy()
     if name.endswith("attn_q.weight"):
         data = _permute(data, heads)
@@ -131,6 +136,7 @@ def _add_tensor(writer, name: str, tensor, gguf_type: str, heads: int, kv_heads:
 
 def _copy_tokenizer(writer, source: Path | None) -> bool:
     """Copy the ``tokenizer.*`` metadata of the GGUF file ``source`` (None: nothing to copy)."""
+    import gguf
     if source is None:
         return False
     for name, field in gguf.GGUFReader(str(source)).fields.items():
