@@ -26,9 +26,12 @@ aten = torch.ops.aten
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 ACTIVATION_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
                   aten.sigmoid.default, aten.silu_.default, aten.relu_.default}
+#: a mixture-of-experts router's output reaches a top-k: that is how it is found (its experts are 3-D
+#: parameters, not linears)
+ROUTING_OPS = {aten.topk.default}
 ATTENTION_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("gate", "up", "down")
-ROLE_ORDER = ATTENTION_ROLES + FFN_ROLES + ("qkv", "qk", "qv", "kv", "gate_up", "head")
+ROLE_ORDER = ATTENTION_ROLES + FFN_ROLES + ("qkv", "qk", "qv", "kv", "gate_up", "router", "head")
 
 
 @dataclass
@@ -183,6 +186,10 @@ def analyze(gm: GraphModule) -> ModelSites:
             by_node[name].role = "".join(r for r in "qkv" if r in roles)
             probes.append(Probe(name, feeds[name]))
 
+    routing = {n for n in nodes if n.op == "call_function" and n.target in ROUTING_OPS}
+    for s in sites:
+        if s.role is None and routing & reach(node_of[s.node]):
+            s.role = "router"
     probes += _label_ffn(sites, lambda s: reach(node_of[s.node]), reach, node_of, position)
     _apply_slices(support(probes, gm, _vocab(gm)), by_node)
     output = next(n for n in nodes if n.op == "output")
@@ -282,8 +289,10 @@ def _label_ffn(sites: list[LinearSite], site_reach, reach, node_of, position: di
     for s in sites:
         if s.role is not None:
             continue
+        # a down projection is in its gate's block: what an activation reaches through the residual stream
+        # (a shared expert's sigmoid gate, Qwen2-MoE's) is the next block's, never its down
         downs = [site_of[d] for d in sorted(through_act[s.node], key=order.__getitem__)
-                 if site_of[d].role in (None, "down")]
+                 if site_of[d].role in (None, "down") and site_of[d].layer == s.layer]
         if not downs:
             continue
         down = downs[0]          # the first linear after the activation in graph order

@@ -11,8 +11,10 @@ from peftc.graph.analysis import ATTENTION_ROLES, FFN_ROLES, LinearSite, ModelSi
 from peftc.lang.diagnostics import SpecError
 
 #: role words that stand for several roles; "all-linear" (and quant's "base") is every linear but the head
+#: and the mixture-of-experts routers (as HF PEFT's all-linear and bitsandbytes leave them)
 GROUPS = {"attn": ATTENTION_ROLES, "ffn": FFN_ROLES}
 EVERY_LINEAR = ("all-linear", "base")
+NOT_EVERY_LINEAR = ("head", "router")
 
 
 @dataclass
@@ -44,7 +46,7 @@ def _matches(target, linears: list[LinearSite]) -> list[Selection]:
         pattern = re.compile(target.value)
         return [Selection(s) for s in linears if pattern.fullmatch(s.path)]
     if target.value in EVERY_LINEAR:
-        return [Selection(s) for s in linears if s.role != "head"]
+        return [Selection(s) for s in linears if s.role not in NOT_EVERY_LINEAR]
     roles = GROUPS.get(target.value, (target.value,))
     found = []
     for s in linears:

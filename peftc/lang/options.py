@@ -38,9 +38,10 @@ ROLES: dict[str, str] = {
     "gate": "MLP gate projection",
     "up": "MLP up projection",
     "down": "MLP down projection",
+    "router": "mixture-of-experts router (the linear whose scores choose the experts); not in all-linear",
     "attn": "every attention projection (q, k, v, o)",
     "ffn": "every MLP projection (gate, up, down)",
-    "all-linear": "every linear layer but the output head",
+    "all-linear": "every linear layer but the output head and the routers",
     "embed": "the token embedding",
     "head": "the output head",
 }
