@@ -25,26 +25,32 @@ def output(model, ids, mask):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def equals_hf_peft_through_its_files(model, fresh, directory, tokens: int = 4) -> dict:
+    """Give ``model``'s soft prompt live values, save it as HF PEFT's files in ``directory``, load them onto
+    ``fresh()`` (the base model, unadapted) and check that HF PEFT's last T positions equal peftc's output,
+    which the prompt moves. Returns the saved adapter config."""
+    randomize_adapters(model, scale=1.0)
+    model.save_hf_peft(directory)
+    ids, mask = inputs()
+    with torch.no_grad():
+        ours = model(ids, mask)
+    base = output(fresh(), ids, mask)
+    assert ours.shape == base.shape
+    assert_differs(ours, base, rel=1e-2, why="live adapters")
+    theirs = output(PeftModel.from_pretrained(fresh(), str(directory)).eval(), ids, mask)
+    assert theirs.shape[1] == ids.shape[1] + tokens
+    assert_close(ours, theirs[:, tokens:], rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
+    return json.loads((directory / "adapter_config.json").read_text())
+
+
 @pytest.mark.parametrize("ref", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-bert"])
 def test_equals_hf_peft_on_the_real_positions(ref, tiny, tmp_path):
     """HF PEFT returns P + T positions; peftc keeps the model's contract (T positions), equal to HF PEFT's
     last T. LLaMA has rotary positions, GPT-2 learned ones, OPT positions from the mask's cumsum, BERT is
     an encoder (last hidden state)."""
     model = peftc.compile(tiny(ref), "prompt tokens=4")
-    randomize_adapters(model, scale=1.0)
-    model.save_hf_peft(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = equals_hf_peft_through_its_files(model, lambda: peftc.load_model(ref), tmp_path)
     assert (config["peft_type"], config["num_virtual_tokens"], config["token_dim"]) == ("PROMPT_TUNING", 4, 64)
-    ids, mask = inputs()
-    with torch.no_grad():
-        ours = model(ids, mask)
-    base = output(tiny(ref), ids, mask)
-    assert ours.shape == base.shape
-    assert_differs(ours, base, rel=1e-2, why="live adapters")
-    hf = PeftModel.from_pretrained(peftc.load_model(ref), str(tmp_path)).eval()
-    theirs = output(hf, ids, mask)
-    assert theirs.shape[1] == ids.shape[1] + 4
-    assert_close(ours, theirs[:, 4:], rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
 
 
 @pytest.mark.slow

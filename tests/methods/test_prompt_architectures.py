@@ -18,7 +18,7 @@ import peftc
 from peftc.methods.prompt.hf import hf_shapes
 from conftest import randomize_adapters
 from numerics import SAME_FUNCTION, assert_close, assert_differs
-from test_prompt import inputs, output
+from test_prompt import equals_hf_peft_through_its_files, inputs, output
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=512,
@@ -54,18 +54,8 @@ def test_gemma_prompt_equals_hf_peft_through_its_files(kind, tmp_path):
     HF PEFT by 1.8e-3 (Gemma) and 0.7 (Gemma2, Gemma3) of the largest logit, over SAME_FUNCTION by 60 times
     at the least."""
     model = peftc.compile(gemma(kind), "prompt tokens=4")
-    randomize_adapters(model, scale=1.0)
-    model.save_hf_peft(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = equals_hf_peft_through_its_files(model, lambda: gemma(kind), tmp_path)
     assert (config["peft_type"], config["token_dim"], config["num_attention_heads"]) == ("PROMPT_TUNING", 64, 4)
-    ids, mask = inputs()
-    with torch.no_grad():
-        ours = model(ids, mask)
-    assert_differs(ours, output(gemma(kind), ids, mask), rel=1e-2, why="live adapters")
-    hf = PeftModel.from_pretrained(gemma(kind), str(tmp_path)).eval()
-    theirs = output(hf, ids, mask)
-    assert theirs.shape[1] == ids.shape[1] + 4
-    assert_close(ours, theirs[:, 4:], rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
 
 
 def _directory_with_tokenizer(model, directory):
@@ -101,16 +91,8 @@ def test_gemma_init_text_is_the_embedding_modules_output_as_in_hf_peft(tmp_path)
 # ── DistilBERT: sizes read through attribute_map ────────────────────────────────────────────────────
 def test_distilbert_prompt_file_loads_in_hf_peft_and_equals_it(tmp_path):
     model = peftc.compile(distilbert(), "prompt tokens=4")
-    randomize_adapters(model, scale=1.0)
-    model.save_hf_peft(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = equals_hf_peft_through_its_files(model, distilbert, tmp_path)
     assert (config["num_layers"], config["token_dim"], config["num_attention_heads"]) == (4, 64, 4)
-    ids, mask = inputs()
-    with torch.no_grad():
-        ours = model(ids, mask)
-    assert_differs(ours, output(distilbert(), ids, mask), rel=1e-2, why="live adapters")
-    hf = PeftModel.from_pretrained(distilbert(), str(tmp_path)).eval()
-    assert_close(ours, output(hf, ids, mask)[:, 4:], rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
 
 
 REFERENCE = "peftc_test_prefix_reference"
