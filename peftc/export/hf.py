@@ -88,14 +88,10 @@ def export_hf(merged, path: str | Path, *, max_shard_size: str | int = DEFAULT_S
                               f"{type(model).__name__}; nothing was written")
         for name in names:
             values[name] = found[0]
+    architecture = {name: _layout(t) for name, t in expected.items()}
     for name, tensor in values.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ExportError(f"{path}: {name} is {tuple(tensor.shape)} in the merged model, "
-                              f"{tuple(expected[name].shape)} in {type(model).__name__}; nothing was written")
-    architecture = {name: (tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype)) for name, t in expected.items()}
-    for name, tensor in values.items():
-        if _SAFETENSORS_DTYPES.get(tensor.dtype) != architecture[name][1]:
-            raise ExportError(f"{path}: {name} is {tensor.dtype} in the merged model, {expected[name].dtype} in "
+        if _layout(tensor) != architecture[name]:
+            raise ExportError(f"{path}: {name} is {_layout(tensor)} in the merged model, {architecture[name]} in "
                               f"the {dtype} {type(model).__name__}; nothing was written")
     model.load_state_dict(values, assign=True, strict=True)
     _kind, source = resolve(merged.model_ref)
@@ -109,14 +105,20 @@ def export_hf(merged, path: str | Path, *, max_shard_size: str | int = DEFAULT_S
             hf_logging.enable_progress_bar()
         for file in tokenizer:              # as they are: the same tokenizer, byte for byte
             shutil.copyfile(file, tmp / file.name)
-        count, size = _check(tmp, architecture, model)
+        count, size = _check(tmp, path, architecture, model)
         files = sorted(p.name for p in tmp.iterdir())
     return HFExportResult(path, files, count, size, dtype)
 
 
-def _check(directory: Path, architecture: dict[str, tuple], model) -> tuple[int, int]:
-    """Every tensor ``save_pretrained`` kept (it drops tied duplicates) is in the safetensors files with the
-    architecture's shape and dtype, and every other one is tied to one that is; (tensors, bytes)."""
+def _layout(tensor: torch.Tensor) -> tuple[tuple[int, ...], str | None]:
+    """(shape, safetensors dtype name): what a written tensor is checked by."""
+    return tuple(tensor.shape), _SAFETENSORS_DTYPES.get(tensor.dtype)
+
+
+def _check(directory: Path, path: Path, architecture: dict[str, tuple], model) -> tuple[int, int]:
+    """Every tensor ``save_pretrained`` kept in ``directory`` (it drops tied duplicates) is in the safetensors
+    files with the architecture's shape and dtype, and every other one is tied to one that is; (tensors,
+    bytes). Errors name ``path``, where the directory was to go."""
     index = directory / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
              else ["model.safetensors"])
@@ -128,10 +130,12 @@ def _check(directory: Path, architecture: dict[str, tuple], model) -> tuple[int,
                 written[key] = (tuple(sliced.get_shape()), sliced.get_dtype())
     for key, found in written.items():
         if architecture.get(key) != found:
-            raise ExportError(f"{directory}: wrote {key} {found}, where the architecture has {architecture.get(key)}")
+            raise ExportError(f"{path}: wrote {key} {found}, where the architecture has {architecture.get(key)}; "
+                              "nothing was replaced")
     tensors = model.state_dict(keep_vars=True)
     untied = [n for n in architecture if n not in written
               and not any(tensors[n].data_ptr() == tensors[w].data_ptr() for w in written)]
     if untied:
-        raise ExportError(f"{directory}: {', '.join(sorted(untied)[:3])} missing from the written checkpoint")
+        raise ExportError(f"{path}: {', '.join(sorted(untied)[:3])} missing from the written checkpoint; "
+                          "nothing was replaced")
     return len(written), sum(tensors[k].numel() * tensors[k].element_size() for k in written)

@@ -99,9 +99,9 @@ def export_target(merged, path: str | Path, target: str = "fp32", *, block: int 
     result = export_onnx(model, path, weights="fp16" if target == "fp16" else "fp32", check=check)
     ids, mask = _verify_inputs(merged)
     real = mask.numpy().astype(bool)
-    exact = float32_compute(merged)
+    exact = model if target == "fp32" else float32_compute(merged)       # (the fp32 target is that view)
     reference = _logits(exact, ids, mask)
-    moved = 0.0 if target == "fp32" else float(np.abs(_logits(model, ids, mask) - reference)[real].max())
+    moved = 0.0 if model is exact else float(np.abs(_logits(model, ids, mask) - reference)[real].max())
     quantized = [m for m in model.graph_module.modules() if isinstance(m, QuantizedWeight)]
     bits = (8 * sum(m.nbytes for m in quantized) / sum(m.numel for m in quantized)) if quantized else None
     return TargetResult(target, result, moved, float(np.abs(reference[real]).max()), len(quantized), bits)

@@ -40,7 +40,7 @@ def test_compile_records_the_dtype_and_the_directory_reloads_in_it(bf16_checkpoi
     assert model.base_dtype == torch.bfloat16
     assert {p.dtype for p in model.adapter_parameters().values()} == {torch.float32}
     assert main(["explain", str(out)]) == 0
-    # export builds its float32 (or fp16, nf4, int4) target from a float32 load of the same weights
+    # export reloads the run in bf16 and computes its float32 (or fp16, nf4, int4) target from those weights
     assert main(["export", str(out), "--onnx", str(tmp_path / "m.onnx")]) == 0
     capsys.readouterr()
 
