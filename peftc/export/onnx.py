@@ -252,7 +252,8 @@ def _registry():
     return registry, frozenset(_decomp.get_onnx_implemented_overloads(registry))
 
 
-def _convert(ep: torch.export.ExportedProgram, args: tuple) -> tuple[object, str]:
+def _convert(ep: torch.export.ExportedProgram, args: tuple, input_names: list[str] = INPUT_NAMES,
+             output_names: list[str] = OUTPUT_NAMES) -> tuple[object, str]:
     """ONNX from a captured program. ``torch.onnx.export`` first re-traces the whole graph to decompose it
     (14 s of a 43 s export of SmolLM2) and then runs onnxscript's pattern rewriter (19 s), neither of which
     changes what ONNX Runtime runs: ORT folds and fuses the graph itself when it loads it. So the few
@@ -266,14 +267,14 @@ def _convert(ep: torch.export.ExportedProgram, args: tuple) -> tuple[object, str
     gm = ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)
     route = "decomposed" if _uncovered(gm, implemented) else "direct"
     if route == "decomposed":
-        program = torch.onnx.export(ep, args, dynamo=True, optimize=False, input_names=INPUT_NAMES,
-                                    output_names=OUTPUT_NAMES, custom_translation_table=translation_table())
+        program = torch.onnx.export(ep, args, dynamo=True, optimize=False, input_names=input_names,
+                                    output_names=output_names, custom_translation_table=translation_table())
     else:
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):
             _fx_passes.insert_type_promotion_nodes(gm)
         program = _core._exported_program_to_onnx_program(ep, registry=registry)
-        _ir_passes.rename_inputs(program.model, INPUT_NAMES)
-        _ir_passes.rename_outputs(program.model, OUTPUT_NAMES)
+        _ir_passes.rename_inputs(program.model, input_names)
+        _ir_passes.rename_outputs(program.model, output_names)
     onnxscript.optimizer.fold_constants(program.model, should_fold=keeps_weight_casts)
     onnxscript.optimizer.remove_unused_nodes(program.model)
     fold_weight_casts(program.model)

@@ -1,0 +1,316 @@
+"""``peftc export DIR --genai OUT/``: a KV-cache ONNX decoder that ONNX Runtime GenAI runs.
+
+OUT holds ``model.onnx`` (and ``model.onnx.data`` past 1 GiB of weights), ``genai_config.json`` and the
+tokenizer's files. The decoder is :func:`peftc.export.kvcache.cache_decoder` of the export target's model
+(fp32, fp16, nf4 or int4, as :mod:`peftc.export.targets` builds it), so whatever stays a graph op after
+merging (a prefix, a bottleneck adapter) stays in the file. Inputs ``input_ids`` (batch, sequence),
+``attention_mask`` (batch, total_sequence), ``past_key_values.{i}.key/value`` (batch, kv heads,
+past_sequence, head dim); outputs ``logits`` and ``present.{i}.key/value`` (..., total_sequence, ...).
+
+The directory takes its name only once the file decodes correctly (:func:`verify_decoder`): greedy decoding
+of a left-padded batch in ONNX Runtime, with its cache, gives at every step the logits of the same tokens
+run through the torch model without a cache (each row alone, whole), and, when the merge folded every
+adapter into a float32 base, the tokens ``transformers``' ``generate()`` gives on the merged weights."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from peftc.errors import ExportError
+from peftc.export.kvcache import CacheDecoder, CacheLayout, cache_decoder
+from peftc.export.onnx import _convert, providers, quiet
+from peftc.export.precision import keeps_weight_casts  # noqa: F401  (the conversion folds through it)
+from peftc.export.hf import TOKENIZER_FILES
+from peftc.export.targets import target_model
+from peftc.fsutil import atomic_dir, write_json
+from peftc.models import resolve
+
+MODEL_FILE = "model.onnx"
+#: the ONNX Runtime decoder must give the torch model's logits within this fraction of the largest logit
+#: at every step. The file runs the same float32 graph; the differences are kernels summing in another
+#: order (S=1 matmuls against whole-sequence ones). On SmolLM2-135M they stay under 2e-6 of the largest
+#: logit; 2e-5 (the whole-sequence export's tolerance) leaves a margin of ten, while a wrong position or a
+#: cache entry out of place moves logits by 1e-2 of the largest or more.
+RELATIVE_TOLERANCE = 2e-5
+VERIFY_NEW_TOKENS = 8
+
+
+@dataclass
+class GenaiResult:
+    path: Path
+    target: str
+    layers: int
+    size_bytes: int
+    max_rel_diff: float            # ORT vs torch logits over every verified step, / the largest logit
+    checked: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (f"wrote {self.path} ({self.target}, {self.layers} cached attentions, {self.size_bytes / 2**20:.1f} "
+                f"MiB): ONNX Runtime with its cache vs torch logits, max diff {self.max_rel_diff:.2g} of the "
+                f"largest logit; {'; '.join(self.checked)}. Run it: onnxruntime_genai.Model('{self.path}')")
+
+
+def capture_decoder(decoder: CacheDecoder) -> torch.export.ExportedProgram:
+    """torch.export of one decoder step with named dynamic axes (batch, sequence, past_sequence,
+    total_sequence); total = past + sequence is asserted at run time, not specialised. torch.export takes a
+    dynamic size to be at least 2, so its ranges start there (and total at 4); the ONNX graph has no such
+    check, and the verification runs it with one new token and with no past."""
+    layout, longest = decoder.layout, decoder.layout.max_length
+    batch = Dim("batch", min=1, max=4096)
+    seq = Dim("sequence", max=longest - 2)
+    past = Dim("past_sequence", max=longest - 2)
+    total = Dim("total_sequence", min=4, max=longest)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    pasts = [torch.zeros(2, h, 4, d) for h, d in layout.heads for _ in (0, 1)]
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in pasts))   # *past
+    with torch.no_grad():
+        return torch.export.export(decoder, (ids, mask, *pasts), dynamic_shapes=shapes, strict=False,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+
+
+def _name_axes(model, ep: torch.export.ExportedProgram, layout: CacheLayout) -> None:
+    """The ONNX inputs' and outputs' symbolic axes by their names, not torch's symbols (s43)."""
+    import onnx_ir as ir
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"
+                    and n.name not in ep.graph_signature.inputs_to_parameters
+                    and n.name not in ep.graph_signature.inputs_to_buffers
+                    and n.name not in ep.graph_signature.inputs_to_lifted_tensor_constants]
+    ids, mask, past = (p.meta["val"] for p in placeholders[:3])
+    names = {str(ids.shape[0]): "batch", str(ids.shape[1]): "sequence", str(mask.shape[1]): "total_sequence",
+             str(past.shape[2]): "past_sequence"}
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        dims = [ir.SymbolicDim(names.get(str(d), str(d))) if isinstance(d, ir.SymbolicDim) else d
+                for d in value.shape]
+        if value.name.startswith("present."):
+            dims[2] = ir.SymbolicDim("total_sequence")
+        if value.name == "logits":
+            dims[:2] = [ir.SymbolicDim("batch"), ir.SymbolicDim("sequence")]
+        value.shape = ir.Shape(dims)
+
+
+def genai_config(config, layout: CacheLayout, vocab: int) -> dict:
+    """ONNX Runtime GenAI's ``genai_config.json`` for the decoder (as its model builder writes it)."""
+    heads = {h for h, _ in layout.heads}
+    dims = {d for _, d in layout.heads}
+    if len(heads) != 1 or len(dims) != 1:
+        raise ExportError("ONNX Runtime GenAI takes one key/value shape for every layer; this model's attentions "
+                          f"have {sorted(layout.heads)}")
+    eos = config.eos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    hidden = getattr(config, "hidden_size", None) or layout.heads[0][0] * layout.heads[0][1]
+    return {
+        "model": {
+            "bos_token_id": config.bos_token_id if config.bos_token_id is not None else pad,
+            "context_length": layout.max_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": dims.pop(),
+                "hidden_size": hidden,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": getattr(config, "num_attention_heads", heads.copy().pop()),
+                "num_hidden_layers": layout.layers,
+                "num_key_value_heads": heads.pop(),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            # the decoder-only pipeline; the graph computes its own positions, so no model-specific handling
+            "type": "llama",
+            "vocab_size": vocab,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": layout.max_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+class OnnxStep:
+    """One decoder step in ONNX Runtime: ``(ids, mask, past) -> (logits, present)``, numpy in and out."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers())
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.heads = [(i.shape[1], i.shape[3]) for i in self.session.get_inputs()[2::2]]
+
+    def empty(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, h, 0, d), np.float32) for h, d in self.heads for _ in (0, 1)]
+
+    def __call__(self, ids, mask, past):
+        out = self.session.run(None, dict(zip(self.inputs, [ids, mask, *past])))
+        return out[0], out[1:]
+
+
+class TorchStep:
+    """:class:`OnnxStep` for the torch :class:`CacheDecoder`."""
+
+    def __init__(self, decoder: CacheDecoder):
+        self.decoder = decoder
+
+    def empty(self, batch: int) -> list[np.ndarray]:
+        return [t.numpy() for t in self.decoder.layout.empty(batch)]
+
+    def __call__(self, ids, mask, past):
+        with torch.no_grad():
+            out = self.decoder(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (ids, mask, *past)))
+        return out[0].float().numpy(), [t.numpy() for t in out[1:]]
+
+
+def decode(step, ids: np.ndarray, mask: np.ndarray, new_tokens: int, forced: np.ndarray | None = None,
+           eos_id: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Greedy decoding with a cache: (tokens (batch, n), the last-position logits of each step). ``forced``
+    (batch, n) feeds those tokens instead of the argmax (to compare two decoders on the same sequence). Rows
+    that produced ``eos_id`` keep producing it; decoding stops when every row has."""
+    past = step.empty(ids.shape[0])
+    tokens, logits = [], []
+    done = np.zeros(ids.shape[0], bool)
+    for t in range(new_tokens):
+        out, past = step(ids, mask, past)
+        last = out[:, -1].astype(np.float32)
+        logits.append(last)
+        token = forced[:, t] if forced is not None else last.argmax(-1)
+        if eos_id is not None:
+            token = np.where(done, eos_id, token)
+            done |= token == eos_id
+        tokens.append(token)
+        if eos_id is not None and done.all():
+            break
+        ids = token[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+    return np.stack(tokens, 1), logits
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of prompts padded on the left, and its attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _verify_prompts(config) -> list[list[int]]:
+    vocab = min(getattr(config, "vocab_size", 32) or 32, 1000)
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 3, 11)]
+
+
+def _margin_agrees(reference: np.ndarray, got: np.ndarray, logits: list[np.ndarray], tol: float) -> bool:
+    """Each row's tokens equal up to where they part, and they part only at a step whose top two logits are
+    within ``tol`` (a tie either decoder may break; what follows is not comparable)."""
+    for row in range(reference.shape[0]):
+        differ = np.nonzero(reference[row, :got.shape[1]] != got[row, :reference.shape[1]])[0]
+        if differ.size:
+            top = np.sort(logits[differ[0]][row])[-2:]
+            if top[1] - top[0] > tol:
+                return False
+    return True
+
+
+def verify_decoder(step, model, decoder: CacheDecoder, *, hf_model=None) -> tuple[float, list[str]]:
+    """Check an ONNX decoder step (see the module doc); returns (max diff / largest logit, what was checked)."""
+    config = decoder.config
+    prompts = _verify_prompts(config)
+    pad = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
+    ids, mask = left_padded(prompts, pad)
+    tokens, got = decode(step, ids, mask, VERIFY_NEW_TOKENS)
+    _, expected = decode(TorchStep(decoder), ids, mask, VERIFY_NEW_TOKENS, forced=tokens)
+    scale = max(float(np.abs(e).max()) for e in expected)
+    worst = max(float(np.abs(g - e).max()) for g, e in zip(got, expected)) / scale
+    checked = [f"a left-padded batch of {len(prompts)} prompts, {VERIFY_NEW_TOKENS} greedy steps"]
+    # the same tokens through the model without a cache, each row alone and whole
+    for row, prompt in enumerate(prompts):
+        seq = torch.tensor([prompt + tokens[row, :-1].tolist()])
+        with torch.no_grad():
+            whole = model(seq, torch.ones_like(seq)).float().numpy()[0, len(prompt) - 1:]
+        worst = max(worst, float(np.abs(whole - np.stack([g[row] for g in got])).max()) / scale)
+    checked.append("each row's logits equal the uncached model's on the same tokens")
+    if worst > RELATIVE_TOLERANCE:
+        raise ExportError(f"ONNX Runtime's cached decoding differs from torch by {worst:.3g} of the largest "
+                          f"logit (tolerance {RELATIVE_TOLERANCE:g})")
+    if hf_model is not None:
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                    do_sample=False, max_new_tokens=VERIFY_NEW_TOKENS, min_new_tokens=VERIFY_NEW_TOKENS,
+                                    pad_token_id=pad, num_beams=1)
+        reference = out[:, ids.shape[1]:].numpy()
+        if not _margin_agrees(reference, tokens, got, RELATIVE_TOLERANCE * scale):
+            raise ExportError(f"ONNX Runtime's greedy tokens {tokens.tolist()} differ from transformers' "
+                              f"generate() {reference.tolist()} on the merged weights")
+        checked.append("greedy tokens equal transformers' generate() on the merged weights")
+    return worst, checked
+
+
+def export_genai(merged, path: str | Path, target: str = "fp32", *, block: int | None = None) -> GenaiResult:
+    """Write ``merged``'s KV-cache decoder for ONNX Runtime GenAI to the directory ``path`` (see the module
+    doc); ``path`` is replaced only by a directory whose decoder passed :func:`verify_decoder`."""
+    import onnx
+    path = Path(path)
+    seconds = {}
+    start = time.perf_counter()
+    model = target_model(merged, target, block=block)
+    decoder = cache_decoder(model)
+    try:
+        ep = capture_decoder(decoder)
+        with quiet():
+            program, _route = _convert(ep, ep.example_inputs[0], decoder.layout.input_names(),
+                                       decoder.layout.output_names())
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{path}: the KV-cache decoder did not convert to ONNX: {exc}") from exc
+    _name_axes(program.model, ep, decoder.layout)
+    seconds["convert"] = time.perf_counter() - start
+    config = merged.config
+    vocab = int(ep.graph_module.graph.find_nodes(op="output")[0].args[0][0].meta["val"].shape[-1])
+    _kind, source = resolve(merged.model_ref)
+    tokenizer = [p for p in sorted(source.iterdir()) if p.name in TOKENIZER_FILES] if source else []
+    hf_model = _oracle(merged, target)
+    with atomic_dir(path) as tmp:
+        start = time.perf_counter()
+        size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                   if v.const_value is not None)
+        program.save(str(tmp / MODEL_FILE), external_data=size > 1 << 30)
+        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        seconds["save"] = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            worst, checked = verify_decoder(OnnxStep(tmp / MODEL_FILE), model, decoder, hf_model=hf_model)
+        except ExportError as exc:
+            raise ExportError(f"{path}: {exc}; nothing was written") from exc
+        seconds["verify"] = time.perf_counter() - start
+        write_json(tmp / "genai_config.json", genai_config(config, decoder.layout, vocab))
+        for file in tokenizer:
+            shutil.copyfile(file, tmp / file.name)
+        total = sum(p.stat().st_size for p in tmp.iterdir())
+    return GenaiResult(path, target, decoder.layout.layers, total, worst, checked, seconds)
+
+
+def _oracle(merged, target: str):
+    """transformers' model holding the merged weights, where it computes what the file does: every adapter
+    folded, a float32 base, the fp32 target."""
+    if target != "fp32" or merged.records or merged.base_dtype != torch.float32:
+        return None
+    from peftc.training.generate import hf_from_merged
+    try:
+        return hf_from_merged(merged)
+    except Exception:       # tied weights an adapter changed, say: the uncached model stays the reference
+        return None

@@ -1,0 +1,297 @@
+"""A KV cache for a compiled causal LM, by rewriting its captured graph (:func:`cache_decoder`).
+
+The capture maps ``(input_ids, attention_mask)`` of one whole sequence to its logits. The rewrite turns it
+into a decoder step ``(input_ids, attention_mask, past...) -> (logits, present...)``:
+
+- ``input_ids`` are the S new tokens; ``attention_mask`` covers every position so far (T = P + S, the P past
+  ones first), as Hugging Face's and ONNX Runtime GenAI's decoders take it;
+- every attention ``sdpa(q, k, v, mask)`` gets two inputs, the past keys and values (batch, kv heads, P,
+  head dim), and attends over ``[past; k]`` and ``[past; v]``, which are also its ``present`` outputs. A
+  prefix (``prefix`` statements stay graph ops after merging) stays in front of them: it is a constant part
+  of the cache that is never returned;
+- the model's mask is replaced by one over the T positions: key j is visible to new token i when the
+  attention mask keeps j, ``j <= P + i`` and, under a sliding window W, ``j > P + i - W``; a token always
+  sees itself, so a padded row computes finite values that no real token reads;
+- position ids become what ``transformers``' ``generate()`` gives: the count of kept positions before each
+  token (``cumsum(attention_mask) - 1``), so cached and left-padded rows get their true positions. The
+  rewrite adds ``positions - arange(S)`` to the model's own position tensor (found as the prefix pass finds
+  it: an integer ``arange`` reaching the attention's inputs), so a prefix's shift is kept.
+
+What the rewrite cannot place (no SDPA, positions it cannot find, a mask read elsewhere) is an ExportError
+that names the node."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from peftc.errors import ExportError
+from peftc.graph.analysis import ATTENTION_OPS
+from peftc.graph.capture import copy_graph_module, max_positions
+from peftc.methods.prefix.attention import sdpa_args
+from peftc.methods.prefix.positions import position_roots, _value_path
+
+aten = torch.ops.aten
+#: stand-in for "to the end" in aten.slice
+END = 2 ** 63 - 1
+PAST = "past_key_values.{}.{}"
+PRESENT = "present.{}.{}"
+
+
+@dataclass
+class CacheLayout:
+    """The shape of the cache: per attention, (kv heads, head dim), in graph order."""
+    heads: list[tuple[int, int]]
+    max_length: int
+
+    @property
+    def layers(self) -> int:
+        return len(self.heads)
+
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask"] + [PAST.format(i, kind) for i in range(self.layers)
+                                                  for kind in ("key", "value")]
+
+    def output_names(self) -> list[str]:
+        return ["logits"] + [PRESENT.format(i, kind) for i in range(self.layers) for kind in ("key", "value")]
+
+    def empty(self, batch: int, dtype=torch.float32) -> list[torch.Tensor]:
+        """A cache holding nothing yet (past length 0)."""
+        return [torch.zeros(batch, h, 0, d, dtype=dtype) for h, d in self.heads for _ in (0, 1)]
+
+
+class CacheDecoder(torch.nn.Module):
+    """One decoder step with a KV cache: ``(input_ids, attention_mask, *past) -> (logits, *present)``."""
+
+    def __init__(self, gm: GraphModule, layout: CacheLayout, config):
+        super().__init__()
+        self.gm = gm
+        self.layout = layout
+        self.config = config
+
+    def forward(self, input_ids, attention_mask, *past):
+        return tuple(self.gm(input_ids, attention_mask, *past))
+
+
+def cache_decoder(model) -> CacheDecoder:
+    """The KV-cache decoder step of ``model`` (a CompiledModel of a causal LM, typically merged), sharing
+    its weights; the rewrite is described in the module doc."""
+    if getattr(model, "kind", None) != "causal-lm":
+        raise ExportError(f"a KV-cache decoder needs a causal LM; this model is {getattr(model, 'kind', '?')}")
+    gm = copy_graph_module(model.graph_module)
+    graph = gm.graph
+    ids, mask = [n for n in graph.nodes if n.op == "placeholder"][:2]
+    sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+    if not sdpas:
+        raise ExportError("the model has no scaled_dot_product_attention call to give a KV cache")
+    records = list(getattr(model, "records", ()))
+    prompts = [r for r in records if r.method == "prompt"]
+    if prompts:
+        raise ExportError(f"a soft prompt ({prompts[0].key}) has no KV-cache export yet: its positions come "
+                          "before the cache's; export this model with --onnx")
+    prefixes = {r.site.node: r for r in records if r.method == "prefix"}
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(node)          # it checks the capture's shapes: ids and mask of one length
+    _sizes_from_ids(graph, ids, mask)
+    pasts = _add_inputs(graph, mask, len(sdpas))
+    first = _first_compute(graph)
+    with graph.inserting_before(first):
+        seq = graph.call_function(aten.sym_size.int, (ids, 1))
+        past_len = graph.call_function(aten.sym_size.int, (pasts[0], 2))
+        positions = _positions(graph, mask, seq, past_len)
+    _shift_positions(gm, ids, positions)
+    masks: dict[tuple, Node] = {}
+    presents, heads = [], []
+    for i, sdpa in enumerate(sdpas):
+        key, value, old_mask, consumer = _model_inputs(sdpa, prefixes.get(sdpa.name))
+        window = _window(model.config, i)
+        with graph.inserting_before(key.next):
+            new_k = graph.call_function(aten.cat.default, ([pasts[2 * i], key], 2))
+        with graph.inserting_before(value.next):
+            new_v = graph.call_function(aten.cat.default, ([pasts[2 * i + 1], value], 2))
+        consumer.replace_input_with(key, new_k)
+        consumer.replace_input_with(value, new_v)
+        dtype = old_mask.meta["val"].dtype if old_mask is not None else torch.bool
+        if (window, dtype) not in masks:
+            with graph.inserting_before(first):
+                masks[(window, dtype)] = _visibility(graph, mask, seq, past_len, window, dtype)
+        _use_mask(sdpa, consumer, old_mask, masks[(window, dtype)])
+        presents += [new_k, new_v]
+        val = key.meta["val"]
+        heads.append((int(val.shape[1]), int(val.shape[3])))
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
+    output.args = ((logits, *presents),)
+    graph._codegen = torch.fx.graph.CodeGen()
+    for node in [n for n in graph.nodes if n.target is aten._assert_tensor_metadata.default]:
+        graph.erase_node(node)          # dtype checks of the capture; they would keep the old mask alive
+    graph.eliminate_dead_code()
+    _check_mask_uses(mask, set(masks.values()) | {positions})
+    graph.lint()
+    gm.recompile()
+    return CacheDecoder(gm, CacheLayout(heads, max_positions(model.config)), model.config)
+
+
+def _first_compute(graph: Graph) -> Node:
+    return next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+
+
+def _sizes_from_ids(graph: Graph, ids: Node, mask: Node) -> None:
+    """The capture reads batch and sequence sizes off the mask too; with a cache the mask is longer, so they
+    are read off the new tokens."""
+    for node in list(mask.users):
+        if node.op == "call_function" and node.target is aten.sym_size.int:
+            node.args = (ids, node.args[1])
+
+
+def _add_inputs(graph: Graph, mask: Node, layers: int) -> list[Node]:
+    pasts, last = [], mask
+    for i in range(layers):
+        for kind in ("key", "value"):
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"past_key_values_{i}_{kind}")
+            pasts.append(last)
+    return pasts
+
+
+def _positions(graph: Graph, mask: Node, seq: Node, past_len: Node) -> Node:
+    """(batch, S) positions of the new tokens: kept positions before each one (0 for a padded one)."""
+    call = graph.call_function
+    kept = call(aten.cumsum.default, (mask, 1))
+    before = call(aten.clamp_min.default, (call(aten.sub.Tensor, (kept, 1)), 0))
+    return call(aten.slice.Tensor, (before, 1, past_len, END))
+
+
+def _shift_positions(gm: GraphModule, ids: Node, positions: Node) -> None:
+    """Add ``positions - arange(S)`` to the model's (1 or batch, S) position tensor on the attention's path."""
+    graph = gm.graph
+    on_path = _value_path(gm)
+    roots = position_roots(gm)
+    if not roots:
+        return                                   # no positions (ALiBi): the mask alone says what is where
+    seq_sym = ids.meta["val"].shape[1]
+    for root in roots:
+        node = root
+        while True:
+            val = _val(node)
+            if isinstance(val, torch.Tensor) and val.dim() == 2 and str(val.shape[1]) == str(seq_sym):
+                break
+            users = [u for u in node.users if u in on_path]
+            if len(users) != 1 or not isinstance(val, torch.Tensor) or val.dim() > 2:
+                raise ExportError(f"cannot place cached positions: the position ids from {root.name} do not "
+                                  f"become a (batch, sequence) tensor (at {node.name})")
+            node = users[0]
+        users = [u for u in node.users if u in on_path]
+        with graph.inserting_before(node.next):
+            arange = graph.call_function(aten.arange.default, (graph.call_function(aten.sym_size.int, (ids, 1)),))
+            delta = graph.call_function(aten.sub.Tensor, (positions, arange))
+            moved = graph.call_function(aten.add.Tensor, (node, delta))
+        for user in users:
+            user.replace_input_with(node, moved)
+    graph.lint()
+
+
+def _val(node: Node):
+    """A node's value as the capture recorded it; a pass's ``x + c`` has that of ``x``."""
+    val = node.meta.get("val")
+    if val is None and node.target in (aten.add.Tensor, aten.sub.Tensor) and isinstance(node.args[0], Node):
+        return _val(node.args[0])
+    return val
+
+
+def _model_inputs(sdpa: Node, prefix) -> tuple[Node, Node, Node | None, Node]:
+    """(keys, values, mask) as the model computes them, and the node that reads them: the SDPA call, or the
+    prefix's concatenations in front of it."""
+    a = sdpa_args(sdpa)
+    key, value, mask = a["key"], a["value"], a["attn_mask"]
+    if prefix is None:
+        if not isinstance(key, Node) or not isinstance(key.meta.get("val"), torch.Tensor):
+            raise ExportError(f"cannot read the keys of attention {sdpa.name}")
+        return key, value, mask, sdpa
+    # the prefix pass made key = cat([P, k]), value = cat([P, v]), mask = cat([visible, mask])
+    real_k, real_v = key.args[0][-1], value.args[0][-1]
+    real_mask = mask.args[0][-1] if isinstance(mask, Node) and mask.target is aten.cat.default else None
+    inserted = {n for n in sdpa.graph.nodes if n.name in set(prefix.nodes)}
+    return real_k, real_v, real_mask, _PrefixConsumer(inserted)
+
+
+class _PrefixConsumer:
+    """The nodes a prefix inserted before an SDPA (its concatenations, and the mask columns it derives from
+    the model's mask), replaced in as one reader."""
+
+    def __init__(self, nodes: set[Node]):
+        self.nodes = nodes
+
+    def replace_input_with(self, old: Node, new: Node) -> None:
+        for node in self.nodes:
+            node.replace_input_with(old, new)
+
+
+def _window(config, layer: int) -> int | None:
+    """The sliding window of attention ``layer``, if it has one."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None and layer < len(types):
+        return window if types[layer] == "sliding_attention" else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+def _visibility(graph: Graph, mask: Node, seq: Node, past_len: Node, window: int | None,
+                dtype: torch.dtype) -> Node:
+    """(batch, 1, S, T) mask over the cached and new positions (see the module doc), bool or additive."""
+    call = graph.call_function
+    total = call(aten.sym_size.int, (mask, 1))
+    query = call(aten.add.Tensor, (call(aten.arange.default, (seq,)), past_len))      # (S,) absolute index
+    query = call(aten.unsqueeze.default, (query, 1))
+    key = call(aten.unsqueeze.default, (call(aten.arange.default, (total,)), 0))     # (1, T)
+    seen = call(aten.le.Tensor, (key, query))
+    if window is not None:
+        seen = call(aten.logical_and.default, (seen, call(aten.gt.Tensor, (key, call(aten.sub.Tensor,
+                                                                                       (query, window))))))
+    kept = call(aten.ne.Scalar, (mask, 0))
+    kept = call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (kept, 1)), 1))   # (B, 1, 1, T)
+    seen = call(aten.logical_and.default, (call(aten.unsqueeze.default, (call(aten.unsqueeze.default,
+                                                                             (seen, 0)), 0)), kept))
+    seen = call(aten.logical_or.default, (seen, call(aten.eq.Tensor, (key, query))))
+    if dtype == torch.bool:
+        return seen
+    return call(aten.where.ScalarSelf, (seen, 0.0, call(aten.full.default, ([], torch.finfo(dtype).min),
+                                                         {"dtype": dtype})))
+
+
+def _use_mask(sdpa: Node, consumer, old_mask: Node | None, new_mask: Node) -> None:
+    if old_mask is not None:
+        consumer.replace_input_with(old_mask, new_mask)
+        return
+    a = sdpa_args(sdpa)
+    if a["attn_mask"] is not None:
+        raise ExportError(f"cannot give attention {sdpa.name} a cached mask: its mask is not the model's")
+    kwargs = {k: v for k, v in sdpa.kwargs.items() if k not in ("attn_mask", "is_causal")}
+    sdpa.args = (a["query"], a["key"], a["value"], new_mask, a["dropout_p"], False)
+    sdpa.kwargs = kwargs
+
+
+def _check_mask_uses(mask: Node, ours: set[Node]) -> None:
+    """After the rewrite the attention mask may only reach our masks and positions."""
+    for user in mask.users:
+        if user.op == "call_function" and user.target is aten.sym_size.int:
+            continue
+        if any(user in _descendants_until(o, mask) for o in ours):
+            continue
+        raise ExportError(f"the model reads attention_mask at {user.name} in a way the KV-cache rewrite "
+                          "does not know (positions from the mask, say)")
+
+
+def _descendants_until(node: Node, source: Node) -> set[Node]:
+    """Ancestors of ``node`` that descend from ``source``."""
+    out, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in out:
+            continue
+        out.add(n)
+        frontier += [a for a in n.all_input_nodes if a is not source]
+    return out
