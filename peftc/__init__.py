@@ -8,6 +8,7 @@ import sys
 from peftc.compiler.compiled import CompiledModel, compile
 from peftc.errors import AdapterError, ExportError, ModelError, PassError, PeftcError
 from peftc.export import targets as _targets
+from peftc.export.genai import export_genai
 from peftc.export.gguf import export_gguf
 from peftc.export.hf import export_hf
 from peftc.export.onnx import export_onnx
@@ -26,6 +27,6 @@ for _name, _module in _MOVED.items():
     globals()[_name] = _module
 
 __all__ = ["AdapterError", "CompiledModel", "DEFAULT_MODEL", "ExportError", "ModelError", "PassError",
-           "PeftcError", "SpecError", "compile", "export_gguf", "export_hf", "export_onnx", "load_hf_peft", "load_model",
+           "PeftcError", "SpecError", "compile", "export_genai", "export_gguf", "export_hf", "export_onnx", "load_hf_peft", "load_model",
            "load_tokenizer", "parse", "parse_file"]
 __version__ = "0.1.0"

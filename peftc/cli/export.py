@@ -10,6 +10,7 @@ from peftc.cli.progress import step
 from peftc.rundir import load_run, manifest_dtype, read_manifest
 from peftc.compiler.compiled import compile as compile_model, op_histogram
 from peftc.errors import PeftcError
+from peftc.export.genai import export_genai
 from peftc.export.gguf import GGUF_TYPES, export_gguf
 from peftc.export.hf import export_hf
 from peftc.export.onnx import export_onnx
@@ -84,10 +85,17 @@ def cmd_export(args) -> int:
     onnx_options = args.nf4 or args.int4 or args.dtype != "fp32" or args.block or args.compare_base
     if (args.hf or args.gguf) and onnx_options:
         raise PeftcError(f"{'--hf' if args.hf else '--gguf'} writes the merged weights itself: --dtype, --nf4, "
-                         "--int4, --block and --compare-base are options of --onnx")
+                         "--int4 and --block are options of --onnx and --genai, --compare-base of --onnx")
     if args.gguf_type and not args.gguf:
         raise PeftcError("--gguf-type is an option of --gguf")
+    if args.genai and args.compare_base:
+        raise PeftcError("--compare-base is an option of --onnx")
     ref, dtype, merged, ids, dequantized = _merged(args)
+    target = "nf4" if args.nf4 else "int4" if args.int4 else args.dtype
+    if args.genai:
+        with step(f"writing the KV-cache decoder {args.genai} ({target}) and verifying it in ONNX Runtime"):
+            print(export_genai(merged, args.genai, target, block=args.block))
+        return 0
     if args.hf:
         with step(f"writing the merged Hugging Face checkpoint {args.hf}"):
             print(export_hf(merged, args.hf))
@@ -96,7 +104,6 @@ def cmd_export(args) -> int:
         with step(f"writing {args.gguf}"):
             print(export_gguf(merged, args.gguf, args.gguf_type or "f16"))
         return 0
-    target = "nf4" if args.nf4 else "int4" if args.int4 else args.dtype
     with step(f"exporting {args.onnx} ({target})"):
         if target == "fp32":
             result = export_onnx(merged, args.onnx, check=check)
@@ -117,10 +124,13 @@ def cmd_export(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("export", help="merge a compiled adapter and export verified ONNX or a Hugging Face checkpoint")
+    p = sub.add_parser("export", help="merge a compiled adapter and export verified ONNX (whole-sequence or KV-cache), "
+                                      "a Hugging Face checkpoint or GGUF")
     p.add_argument("dir", help="a directory written by 'peftc compile'")
     out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--onnx", help="the .onnx file to write")
+    out.add_argument("--onnx", help="the .onnx file to write (whole sequences in, logits out)")
+    out.add_argument("--genai", metavar="DIR", help="write a KV-cache ONNX decoder with genai_config.json and the "
+                                                    "tokenizer: ONNX Runtime GenAI generates from DIR")
     out.add_argument("--hf", metavar="DIR", help="write the merged model as a Hugging Face checkpoint directory "
                                                   "(config.json, safetensors in the run's dtype, tokenizer files)")
     out.add_argument("--gguf", metavar="FILE", help="write the merged model as one GGUF file (LLaMA family)")

@@ -19,8 +19,9 @@ from peftc.errors import PeftcError
 from peftc.fsutil import write_json
 from peftc.models import DEFAULT_MODEL, load_model
 from peftc.training.data import load_codec, read_jsonl
+from peftc.export.genai import exported_model
 from peftc.training.generate import CachedDecoder, RecomputeDecoder, decoder_for, exact_match, greedy, \
-    onnx_logits, torch_logits
+    onnx_decoder, torch_logits
 from peftc.training.train import TrainConfig, train
 
 
@@ -93,7 +94,8 @@ def load_decoder(args):
     if args.onnx:
         if directory:
             raise PeftcError("give a trained directory or --onnx, not both")
-        return RecomputeDecoder(onnx_logits(args.onnx), "onnxruntime"), ref, f"{args.onnx} (ONNX Runtime)"
+        decoder = onnx_decoder(args.onnx, args.runtime)
+        return decoder, args.model or exported_model(args.onnx) or ref, f"{args.onnx} ({decoder.name})"
     if directory:
         print(f"loading {ref} with the adapter in {directory} ...", file=sys.stderr, flush=True)
         model = load_run(directory, manifest, ref, args.dtype)
@@ -153,7 +155,10 @@ def cmd_generate(args) -> int:
 def _inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", nargs="?", default=None,
                    help="a directory written by 'peftc train' (or 'peftc compile'); omit for the base model")
-    p.add_argument("--onnx", default=None, help="run this ONNX file (from 'peftc export') in ONNX Runtime instead")
+    p.add_argument("--onnx", default=None, help="run this 'peftc export --genai' directory (KV cache) or --onnx file "
+                                                "(re-run every step) in ONNX Runtime instead")
+    p.add_argument("--runtime", choices=("auto", "genai", "ort"), default="auto",
+                   help="for a --genai directory: onnxruntime-genai (auto: when installed) or plain ONNX Runtime")
     p.add_argument("--model", default=None, help=f"model reference (default: the directory's, else {DEFAULT_MODEL}); "
                                                  "with --onnx it gives the tokenizer")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")

@@ -19,8 +19,8 @@ from safetensors import safe_open
 
 from peftc.errors import ExportError
 from peftc.fsutil import atomic_dir
-from peftc.graph.capture import PREFIX
-from peftc.models import build_model, dtype_name, resolve
+from peftc.graph.capture import PREFIX, strip_prefix
+from peftc.models import build_model, dtype_name, load_model, resolve
 
 DEFAULT_SHARD_SIZE = "2GB"
 #: the tokenizer's files, copied from the model's directory when it has them
@@ -139,3 +139,22 @@ def _check(directory: Path, path: Path, architecture: dict[str, tuple], model) -
         raise ExportError(f"{path}: {', '.join(sorted(untied)[:3])} missing from the written checkpoint; "
                           "nothing was replaced")
     return len(written), sum(tensors[k].numel() * tensors[k].element_size() for k in written)
+
+
+def hf_from_merged(merged) -> torch.nn.Module:
+    """A fresh transformers model of ``merged.model_ref`` holding the merged CompiledModel's weights."""
+    if merged.records:
+        raise ExportError("the model still has unfolded adapters")
+    hf = load_model(merged.model_ref)
+    state = {strip_prefix(name): tensor for name, tensor in merged.graph_module.state_dict().items()}
+    own = hf.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ExportError(f"merged weights do not map onto {merged.model_ref}: {unknown[:3]}")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            own[key].copy_(tensor)
+    # tied weights (embedding and head) share storage: an adapter on one of them cannot be copied this way
+    if any(not torch.equal(own[key], tensor) for key, tensor in state.items()):
+        raise ExportError(f"merged weights of tied tensors differ; {merged.model_ref} ties them")
+    return hf.eval()

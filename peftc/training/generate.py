@@ -8,6 +8,8 @@ Three decoders give the same tokens (the tests check it on a tiny model):
 * :class:`CachedDecoder` copies a merged CompiledModel's weights into a fresh ``transformers`` model and
   decodes with its KV cache: about ten times fewer FLOPs, the fast path for merged LoRA/IA3 adapters.
 * :func:`decoder_for` picks the cached one when every adapter folds, else recomputation.
+* :class:`OnnxCachedDecoder` runs a KV-cache decoder written by ``peftc export --genai`` in ONNX Runtime,
+  one new token a step; :class:`GenaiDecoder` runs the same directory in onnxruntime-genai.
 
 Prompts are batched only with prompts of the same token length, so no batch needs padding and every
 decoder sees exactly the tokens a batch of one would."""
@@ -21,9 +23,9 @@ from typing import Callable
 
 import torch
 
+from peftc.export.genai import OnnxStep, decode, left_padded
+from peftc.export.hf import hf_from_merged
 from peftc.export.onnx import providers
-from peftc.graph.capture import strip_prefix
-from peftc.models import load_model
 from peftc.training.data import Codec, Record
 from peftc.errors import PeftcError
 
@@ -65,6 +67,70 @@ class CachedDecoder:
         return out[:, ids.shape[1]:]
 
 
+class OnnxCachedDecoder:
+    """Greedy decoding of a ``peftc export --genai`` directory (or its model.onnx) in ONNX Runtime, with the
+    file's KV cache."""
+    name = "onnxruntime (KV cache)"
+
+    def __init__(self, path: str | Path):
+        self.step = OnnxStep(path)
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
+        batch, mask = left_padded(ids.tolist(), eos_id)
+        tokens, _ = decode(self.step, batch, mask, max_new_tokens, eos_id=eos_id)
+        return torch.from_numpy(tokens.astype("int64"))
+
+
+class GenaiDecoder:
+    """Greedy decoding of a ``peftc export --genai`` directory in onnxruntime-genai (``og.Generator``)."""
+    name = "onnxruntime-genai (KV cache)"
+
+    def __init__(self, path: str | Path):
+        import onnxruntime_genai as og
+        self.og = og
+        self.model = og.Model(str(path))
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
+        rows = []
+        for prompt in ids.tolist():
+            params = self.og.GeneratorParams(self.model)
+            params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False)
+            generator = self.og.Generator(self.model, params)
+            generator.append_tokens(prompt)
+            new = []
+            while not generator.is_done() and len(new) < max_new_tokens:
+                generator.generate_next_token()
+                new.append(int(generator.get_next_tokens()[0]))
+            rows.append(new + [eos_id] * (max_new_tokens - len(new)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+def onnx_decoder(path: str | Path, runtime: str = "auto"):
+    """The decoder for an ONNX path: a ``--genai`` directory (onnxruntime-genai when installed and
+    ``runtime`` allows, else ONNX Runtime with the cache), a KV-cache model file, or a whole-sequence file
+    (re-run every step: it has no cache)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "genai_config.json").is_file():
+            raise PeftcError(f"'{path}' is a directory without genai_config.json: not a 'peftc export --genai' output")
+        if runtime in ("auto", "genai"):
+            try:
+                return GenaiDecoder(path)
+            except ImportError:
+                if runtime == "genai":
+                    raise PeftcError("--runtime genai needs onnxruntime-genai: pip install 'peftc[genai]'") from None
+        return OnnxCachedDecoder(path / "model.onnx")
+    if runtime == "genai":
+        raise PeftcError(f"--runtime genai runs a 'peftc export --genai' directory, not the file '{path}'")
+    if not path.is_file():
+        raise PeftcError(f"ONNX file '{path}' does not exist")
+    import onnx
+    inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+    if any(name.startswith("past_key_values.") for name in inputs):
+        return OnnxCachedDecoder(path)
+    return RecomputeDecoder(onnx_logits(path), "onnxruntime (no KV cache: re-runs the sequence)")
+
+
 def torch_logits(model: torch.nn.Module) -> Callable:
     def run(ids, mask):
         with torch.no_grad():
@@ -85,25 +151,6 @@ def onnx_logits(path: str | Path) -> Callable:
         feeds = dict(zip(names, (ids.numpy().astype("int64"), mask.numpy().astype("int64"))))
         return torch.from_numpy(session.run(None, feeds)[0])
     return run
-
-
-def hf_from_merged(merged) -> torch.nn.Module:
-    """A fresh transformers model of ``merged.model_ref`` holding the merged CompiledModel's weights."""
-    if merged.records:
-        raise PeftcError("the model still has unfolded adapters")
-    hf = load_model(merged.model_ref)
-    state = {strip_prefix(name): tensor for name, tensor in merged.graph_module.state_dict().items()}
-    own = hf.state_dict()
-    unknown = [k for k in state if k not in own]
-    if unknown:
-        raise PeftcError(f"merged weights do not map onto {merged.model_ref}: {unknown[:3]}")
-    with torch.no_grad():
-        for key, tensor in state.items():
-            own[key].copy_(tensor)
-    # tied weights (embedding and head) share storage: an adapter on one of them cannot be copied this way
-    if any(not torch.equal(own[key], tensor) for key, tensor in state.items()):
-        raise PeftcError(f"merged weights of tied tensors differ; {merged.model_ref} ties them")
-    return hf.eval()
 
 
 def decoder_for(model) -> RecomputeDecoder | CachedDecoder:

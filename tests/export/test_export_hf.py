@@ -91,7 +91,8 @@ def test_a_merge_that_keeps_graph_ops_is_refused_and_nothing_is_replaced(bf16_ch
 def test_the_default_model_merges_to_a_checkpoint_the_genai_builder_takes(tmp_path):
     """SmolLM2 (tied head, a tokenizer): the CLI writes a checkpoint with the tokenizer's files; transformers
     loads it with the merged logits; ONNX Runtime GenAI's builder makes its KV-cache model from it, and
-    onnxruntime-genai greedy-decodes the tokens transformers' generate() gives on the checkpoint."""
+    onnxruntime-genai greedy-decodes the tokens transformers' generate() gives on the checkpoint. peftc's own
+    KV-cache export of the same run (``--genai``) decodes them too, with the tokenizer it copied."""
     import onnxruntime_genai as og
     spec = tmp_path / "lora.peft"
     spec.write_text("lora q, v r=8\n")
@@ -117,13 +118,16 @@ def test_the_default_model_merges_to_a_checkpoint_the_genai_builder_takes(tmp_pa
     assert (built / "genai_config.json").is_file()
     with torch.no_grad():
         expected = loaded.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
-    genai = og.Model(str(built))
-    params = og.GeneratorParams(genai)
-    params.set_search_options(max_length=ids.shape[1] + 12, do_sample=False)
-    generator = og.Generator(genai, params)
-    generator.append_tokens(ids[0].tolist())
-    got = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(generator.get_next_tokens()[0])
-    assert got == expected
+    ours = tmp_path / "peftc-genai"
+    assert main(["export", str(run), "--genai", str(ours)]) == 0
+    for directory in (built, ours):
+        genai = og.Model(str(directory))
+        params = og.GeneratorParams(genai)
+        params.set_search_options(max_length=ids.shape[1] + 12, do_sample=False)
+        generator = og.Generator(genai, params)
+        generator.append_tokens(og.Tokenizer(genai).encode("The capital of France is"))
+        got = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            got.append(generator.get_next_tokens()[0])
+        assert got == expected, directory.name

@@ -1,0 +1,197 @@
+"""``peftc export DIR --genai OUT``: a KV-cache ONNX decoder. Its steps give the whole sequence's logits; ONNX
+Runtime GenAI loads OUT and greedy-decodes the tokens transformers' ``generate()`` gives on the merged
+weights (left-padded batches too); every target and the methods that stay graph ops keep working."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime_genai as og
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+import peftc
+from conftest import randomize_adapters, token_ids
+from numerics import ONNX_RUNTIME, REORDERED, assert_close
+from peftc.cli import main
+from peftc.export.genai import QUANTIZED_TOLERANCE, OnnxStep, decode, left_padded
+from peftc.export.kvcache import cache_decoder
+from peftc.export.hf import hf_from_merged
+
+PROMPTS = [[5, 9, 17, 33, 102, 7, 64], [40, 41, 42], [300, 12, 99, 140, 7]]
+
+
+def _merged(spec: str, model="tiny-llama", seed: int = 1):
+    compiled = peftc.compile(model, spec, seed=0)
+    randomize_adapters(compiled, seed=seed, scale=0.3)
+    return compiled, compiled.merge()
+
+
+def _genai_tokens(path, prompt: list[int], new: int) -> list[int]:
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def _generate(hf, ids: np.ndarray, mask: np.ndarray, new: int) -> list[list[int]]:
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                          max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def test_decoder_steps_give_the_whole_sequence_logits():
+    """Prefill in two chunks, then one token a step: every step's logits equal the uncached model's at the
+    same positions (tiny-llama has grouped-query attention: 4 heads over 2 key/value heads)."""
+    _, merged = _merged("lora q, v r=4")
+    decoder = cache_decoder(merged)
+    ids = token_ids(batch=2, seq=12, seed=3)
+    with torch.no_grad():
+        whole = merged(ids)
+        past, got, start = decoder.layout.empty(2), [], 0
+        for stop in (5, 8, 9, 10, 11, 12):
+            out = decoder(ids[:, start:stop], torch.ones(2, stop, dtype=torch.long), *past)
+            got.append(out[0])
+            past, start = out[1:], stop
+    assert past[0].shape == (2, 2, 12, 16)
+    assert_close(torch.cat(got, 1), whole, rel=REORDERED, why="the same float32 ops over cached keys and values")
+
+
+@pytest.mark.slow
+def test_genai_generates_what_transformers_generates(tmp_path):
+    """The CLI writes OUT; onnxruntime-genai decodes each prompt as transformers' generate() does on the merged
+    weights, and peftc's ONNX Runtime loop decodes a left-padded batch of them the same way. The file's inputs,
+    outputs and axes have the names genai_config.json gives them."""
+    run = tmp_path / "run"
+    (tmp_path / "lora.peft").write_text("lora q, v, down r=4\n")
+    assert main(["compile", str(tmp_path / "lora.peft"), "--model", "tiny-llama", "--out", str(run)]) == 0
+    compiled = peftc.compile("tiny-llama", "lora q, v, down r=4", seed=0)
+    randomize_adapters(compiled, seed=1, scale=0.3)
+    compiled.save_adapter(run)
+    out = tmp_path / "genai"
+    assert main(["export", str(run), "--genai", str(out)]) == 0
+    assert {"model.onnx", "genai_config.json", "peftc.json"} <= {p.name for p in out.iterdir()}
+    hf = hf_from_merged(compiled.merge())
+    for prompt in PROMPTS:
+        expected = _generate(hf, np.array([prompt]), np.ones((1, len(prompt)), np.int64), 10)[0]
+        assert _genai_tokens(out, prompt, 10) == expected
+    ids, mask = left_padded(PROMPTS, 0)
+    tokens, _ = decode(OnnxStep(out / "model.onnx"), ids, mask, 10)
+    assert tokens.tolist() == _generate(hf, ids, mask, 10)
+    _assert_named_as_genai_reads_them(out)
+
+
+def _assert_named_as_genai_reads_them(out):
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+    inputs, outputs = {v.name: dims(v) for v in graph.input}, {v.name: dims(v) for v in graph.output}
+    assert inputs["input_ids"] == ["batch", "sequence"]
+    assert inputs["attention_mask"] == ["batch", "total_sequence"]
+    assert inputs["past_key_values.3.value"] == ["batch", 2, "past_sequence", 16]
+    assert outputs["logits"] == ["batch", "sequence", 512]
+    assert outputs["present.0.key"] == ["batch", 2, "total_sequence", 16]
+    assert len(inputs) == 2 + 2 * 4 and len(outputs) == 1 + 2 * 4
+    config = json.loads((out / "genai_config.json").read_text())["model"]
+    assert config["decoder"]["num_key_value_heads"] == 2 and config["decoder"]["num_hidden_layers"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,op", [("fp16", None), ("int4", "MatMulNBits"), ("nf4", "MatMulBnb4")])
+def test_every_target_decodes_in_genai(tmp_path, target, op):
+    """fp16 stores float16 weights; int4/nf4 run ONNX Runtime's quantized matmuls. Each file's cached decoding
+    is verified against its own torch model, and onnxruntime-genai decodes what peftc's loop decodes."""
+    _, merged = _merged("lora q, v r=4")
+    result = peftc.export_genai(merged, tmp_path / target, target)
+    assert result.max_rel_diff <= (QUANTIZED_TOLERANCE if op else ONNX_RUNTIME)
+    model = onnx.load(str(tmp_path / target / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    if op:
+        assert op in ops
+    else:
+        assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer}
+    prompt = PROMPTS[0]
+    tokens, _ = decode(OnnxStep(tmp_path / target / "model.onnx"), np.array([prompt]), np.ones((1, 7), np.int64), 8)
+    assert _genai_tokens(tmp_path / target, prompt, 8) == tokens[0].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["prefix tokens=4", "adapter bottleneck=8"])
+def test_methods_that_stay_graph_ops_decode_with_the_cache(tmp_path, spec):
+    """A prefix is a constant part of the cache (never returned: the presents hold the real tokens only); a
+    bottleneck adapter stays in every layer. Greedy decoding in onnxruntime-genai gives the tokens of the
+    compiled model re-run on the whole sequence."""
+    compiled, merged = _merged(spec)
+    peftc.export_genai(merged, tmp_path / "out")
+    prompt = PROMPTS[2]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, compiled(ids)[:, -1:].argmax(-1)], 1)
+    assert _genai_tokens(tmp_path / "out", prompt, 8) == ids[0, len(prompt):].tolist()
+    step = OnnxStep(tmp_path / "out" / "model.onnx")
+    _, present = step(np.array([prompt]), np.ones((1, 5), np.int64), step.empty(1))
+    assert present[0].shape[2] == len(prompt)
+
+
+def test_sliding_window_attention_keeps_its_window():
+    """Mistral with a window of 4: past the window, the cached decoder still equals the uncached model, whose
+    mask drops the keys the window leaves (so a cache that kept every key would differ)."""
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=96, vocab_size=128, max_position_embeddings=64, sliding_window=4,
+                           head_dim=16)
+    compiled = peftc.compile(MistralForCausalLM(config).eval(), "lora q, v r=4", seed=0)
+    randomize_adapters(compiled, seed=1, scale=0.3)
+    merged = compiled.merge()
+    decoder = cache_decoder(merged)
+    ids = token_ids(batch=1, seq=10, vocab=128, seed=4)
+    with torch.no_grad():
+        whole = merged(ids)
+        out = decoder(ids[:, :3], torch.ones(1, 3, dtype=torch.long), *decoder.layout.empty(1))
+        steps = [out[0]]
+        for t in range(3, 10):
+            out = decoder(ids[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long), *out[1:])
+            steps.append(out[0])
+    assert_close(torch.cat(steps, 1), whole, rel=REORDERED, why="the same float32 ops over cached keys and values")
+
+
+@pytest.mark.slow
+def test_a_soft_prompt_is_refused_and_the_previous_directory_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    (tmp_path / "prompt.peft").write_text("prompt tokens=3\n")
+    assert main(["compile", str(tmp_path / "prompt.peft"), "--model", "tiny-llama", "--out", str(run)]) == 0
+    out = tmp_path / "genai"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(run), "--genai", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "soft prompt" in err and "--onnx" in err and "Traceback" not in err, err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_generate_reads_the_directory_with_its_cache(tmp_path, capsys):
+    """``peftc generate --onnx OUT`` (onnxruntime-genai, and plain ONNX Runtime) prints the text
+    ``peftc generate RUN`` prints."""
+    run = tmp_path / "run"
+    (tmp_path / "lora.peft").write_text("lora q, v r=4 init=random\n")
+    assert main(["compile", str(tmp_path / "lora.peft"), "--model", "tiny-llama", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--genai", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    texts = {}
+    for name, args in {"torch": [str(run)], "genai": ["--onnx", str(tmp_path / "out")],
+                       "ort": ["--onnx", str(tmp_path / "out"), "--runtime", "ort"]}.items():
+        assert main(["generate", *args, "--prompt", "hello", "--max-new-tokens", "6"]) == 0
+        captured = capsys.readouterr()
+        texts[name] = captured.out
+        assert "KV cache" in captured.err
+    assert texts["genai"] == texts["torch"] == texts["ort"]
