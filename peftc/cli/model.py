@@ -1,6 +1,6 @@
-"""What a model and an adapter look like: ``peftc inspect`` (linears with role, layer, shape and fused
-slices), ``peftc graph`` (one block before and after a rewrite, as SVG) and ``peftc explain`` (what an
-adapter learned)."""
+"""What a model and an adapter look like: ``peftc inspect`` (linears and stacked expert weights with role,
+layer, shape and fused slices), ``peftc graph`` (one block before and after a rewrite, as SVG) and
+``peftc explain`` (what an adapter learned)."""
 from __future__ import annotations
 
 import copy
@@ -21,12 +21,14 @@ from peftc.models import DEFAULT_MODEL, load_tokenizer
 
 
 def _linears(prepared) -> tuple[list[dict], dict | None]:
-    """Each linear site as a row, and the token embedding, of a prepared (captured and analysed) model."""
+    """Each linear site and stacked expert weight as a row, and the token embedding, of a prepared (captured
+    and analysed) model."""
     sites = prepared.sites
     rows = [{"path": s.path, "role": s.role, "layer": s.layer, "kind": s.kind,
              "in_features": s.in_features, "out_features": s.out_features, "bias": s.bias is not None,
-             "slices": {role: ranges(features) for role, features in (s.slices or {}).items()}}
-            for s in sites.linears]
+             "slices": {role: ranges(features) for role, features in (s.slices or {}).items()},
+             **({"experts": s.experts} if s.experts else {})}
+            for s in sites.linears + sites.experts]
     embed = None
     if sites.embed is not None:
         vocab, hidden = prepared.captured.gm.get_parameter(sites.embed).shape
@@ -45,17 +47,18 @@ def cmd_inspect(args) -> int:
         print(json.dumps({"model": args.model, "kind": prepared.captured.kind, "layers": sites.n_layers,
                           "attentions": sites.attention_count, "embed": embed, "linears": rows}, indent=2))
         return 0
+    stacked = f" and {len(sites.experts)} stacked expert weights (experts x out x in)" if sites.experts else ""
     print(f"{args.model}: {prepared.captured.kind}, {sites.n_layers} layers, {sites.attention_count} attentions, "
-          f"{len(rows)} linears")
+          f"{len(sites.linears)} linears{stacked}")
     width = max([len(r["path"]) for r in rows] + [len(embed["path"]) if embed else 0])
     print(f"{'layer':>5}  {'role':<7}  {'module path':<{width}}  {'shape (out x in)':>16}  {'kind':<6}  "
           "fused slices (output rows)")
     if embed:
         shape = f"{embed['vocab']} x {embed['hidden']}"
         print(f"{'-':>5}  {'embed':<7}  {embed['path']:<{width}}  {shape:>16}  embedding")
-    for r, site in zip(rows, sites.linears):
+    for r, site in zip(rows, sites.linears + sites.experts):
         layer = "-" if r["layer"] is None else r["layer"]
-        shape = f"{r['out_features']} x {r['in_features']}"
+        shape = f"{site.experts} x " * bool(site.experts) + f"{r['out_features']} x {r['in_features']}"
         fused = " | ".join(f"{role} {describe(f)}" for role, f in (site.slices or {}).items())
         print(f"{layer:>5}  {r['role'] or '?':<7}  {r['path']:<{width}}  {shape:>16}  {r['kind']:<6}  {fused}".rstrip())
     return 0

@@ -6,7 +6,10 @@ Roles come from the graph, not from a table of module names:
 - down: a linear reached from another linear's output through an activation; that other linear is ``gate``
   when a third linear (``up``) feeds the same down projection without an activation, else it is ``up``;
 - head: the linear outside every block whose output reaches the model output;
-- embed: the embedding looked up with ``input_ids``.
+- embed: the embedding looked up with ``input_ids``;
+- router: a linear whose output reaches a top-k (a mixture-of-experts block's gate);
+- experts: not a linear but a 3-D parameter (experts × out × in, transformers 5's stacked ``gate_up_proj`` and
+  ``down_proj``) that a matmul reads, transposed, together with what a top-k chose (:attr:`ModelSites.experts`).
 A linear that feeds several of q, k and v at once is *fused* (GPT-2's ``c_attn``); its role is ``qkv``.
 """
 from __future__ import annotations
@@ -26,12 +29,12 @@ aten = torch.ops.aten
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 ACTIVATION_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
                   aten.sigmoid.default, aten.silu_.default, aten.relu_.default}
-#: a mixture-of-experts router's output reaches a top-k: that is how it is found (its experts are 3-D
-#: parameters, not linears)
+#: a mixture-of-experts router's output reaches a top-k, and its experts' matmuls read what the top-k chose:
+#: that is how both are found
 ROUTING_OPS = {aten.topk.default}
 ATTENTION_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("gate", "up", "down")
-ROLE_ORDER = ATTENTION_ROLES + FFN_ROLES + ("qkv", "qk", "qv", "kv", "gate_up", "router", "head")
+ROLE_ORDER = ATTENTION_ROLES + FFN_ROLES + ("qkv", "qk", "qv", "kv", "gate_up", "router", "experts", "head")
 
 
 @dataclass
@@ -50,6 +53,8 @@ class LinearSite:
     output: str | None = None
     #: for a fused projection: the output features (rows of W) computing each role
     slices: dict[str, tuple[int, ...]] | None = None
+    #: stacked expert weights (kind "experts", W experts × out × in): how many experts; 0 for a linear
+    experts: int = 0
 
     @property
     def fused(self) -> bool:
@@ -64,16 +69,21 @@ class ModelSites:
     embed_path: str | None = None     # module path of the token embedding
     attention_count: int = 0
     by_node: dict[str, LinearSite] = field(default_factory=dict)
+    #: the stacked expert weights of mixture-of-experts blocks (role ``experts``), in graph order; a site's
+    #: path is the parameter's (``model.layers.0.mlp.experts.gate_up_proj``), as HF PEFT's target_parameters
+    #: names it
+    experts: list[LinearSite] = field(default_factory=list)
 
     def roles(self) -> Counter:
-        return Counter(s.role for s in self.linears if s.role)
+        return Counter(s.role for s in self.linears + self.experts if s.role)
 
     def summary(self) -> str:
         """What the model has, for error messages."""
         roles = ", ".join(f"{r} ({n})" for r, n in sorted(self.roles().items(),
                                                          key=lambda kv: ROLE_ORDER.index(kv[0])))
         examples = ", ".join(s.path for s in self.linears[:4])
-        return (f"{len(self.linears)} linears in {self.n_layers} layers; roles: {roles or 'none'}; "
+        stacked = f" and {len(self.experts)} stacked expert weights" if self.experts else ""
+        return (f"{len(self.linears)} linears{stacked} in {self.n_layers} layers; roles: {roles or 'none'}; "
                 f"module paths like {examples}")
 
 
@@ -196,10 +206,35 @@ def analyze(gm: GraphModule) -> ModelSites:
     for s in sites:
         if s.role is None and s.layer is None and output in reach(node_of[s.node]):
             s.role = "head"
-    n_layers = max((s.layer for s in sites if s.layer is not None), default=-1) + 1
     embed, embed_path = _token_embedding(nodes)
-    return ModelSites(linears=sites, n_layers=n_layers, embed=embed, embed_path=embed_path,
-                      attention_count=len(attentions), by_node=by_node)
+    return ModelSites(linears=sites, n_layers=max((s.layer for s in sites if s.layer is not None), default=-1) + 1,
+                      embed=embed, embed_path=embed_path, attention_count=len(attentions), by_node=by_node,
+                      experts=_experts(nodes, gm, backward, routing))
+
+
+def _experts(nodes: list[Node], gm: GraphModule, backward: nx.DiGraph, routing: set[Node]) -> list[LinearSite]:
+    """The stacked expert weights: each 3-D parameter W (experts × out × in) read through a transpose of its
+    last two dimensions by a matmul (transformers' grouped_mm: x @ W[e]ᵀ per expert) that also reads, since
+    the last linear, what a top-k chose (the tokens sorted by expert, each expert's token count).
+    A layout stored experts × in × out and read untransposed (``is_transposed`` experts, GPT-OSS) is not
+    labelled yet."""
+    params = dict(gm.named_parameters())
+    found = []
+    for n in nodes:
+        w = params.get(n.target) if n.op == "get_attr" else None
+        if w is None or w.dim() != 3 or len(n.users) != 1:
+            continue
+        (t,) = n.users
+        if t.target is not aten.transpose.int or {a % 3 for a in t.args[1:]} != {1, 2}:
+            continue
+        if not any(routing & nx.ancestors(backward, m) for m in t.users):
+            continue
+        count, out_f, in_f = w.shape
+        path = strip_prefix(n.target)
+        found.append(LinearSite(node=n.name, path=path, weight=n.target, bias=None, kind="experts",
+                                in_features=in_f, out_features=out_f, layer=layer_of(path),
+                                module_type=module_type(t), role="experts", experts=count))
+    return found
 
 
 def _flow(nodes: list[Node], stops: set[Node]) -> tuple[nx.DiGraph, nx.DiGraph]:

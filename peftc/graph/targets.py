@@ -1,4 +1,6 @@
-"""Resolve a statement's targets (role words, globs, regexes, ``layers=``, ``exclude=``) to linear sites.
+"""Resolve a statement's targets (role words, globs, regexes, ``layers=``, ``exclude=``) to linear sites, and
+for a method that adapts them (lora) to the stacked expert weights of mixture-of-experts blocks: the role word
+``experts``, or a glob or regex matching a parameter's path (``model.layers.0.mlp.experts.down_proj``).
 
 A statement that selects nothing is an error naming the statement and what the model does have."""
 from __future__ import annotations
@@ -11,10 +13,13 @@ from peftc.graph.analysis import ATTENTION_ROLES, FFN_ROLES, LinearSite, ModelSi
 from peftc.lang.diagnostics import SpecError
 
 #: role words that stand for several roles; "all-linear" (and quant's "base") is every linear but the head
-#: and the mixture-of-experts routers (as HF PEFT's all-linear and bitsandbytes leave them)
+#: and the mixture-of-experts routers (as HF PEFT's all-linear and bitsandbytes leave them), and never the
+#: stacked expert weights (HF PEFT's all-linear names nn.Linear modules; experts are parameters it reaches
+#: only through target_parameters)
 GROUPS = {"attn": ATTENTION_ROLES, "ffn": FFN_ROLES}
 EVERY_LINEAR = ("all-linear", "base")
-NOT_EVERY_LINEAR = ("head", "router")
+NOT_EVERY_LINEAR = ("head", "router", "experts")
+EXPERTS = "experts"
 
 
 @dataclass
@@ -57,12 +62,21 @@ def _matches(target, linears: list[LinearSite]) -> list[Selection]:
     return found
 
 
-def _select_target(target, sites: ModelSites, spec, method: str) -> list[Selection]:
+def _candidates(sites: ModelSites, experts: bool) -> list[LinearSite]:
+    return sites.linears + sites.experts if experts else sites.linears
+
+
+def _select_target(target, sites: ModelSites, spec, method: str, experts: bool) -> list[Selection]:
     if target.kind == "role" and target.value == "embed":
         raise SpecError.at(target.span, f"{method} on the token embedding is not supported yet", spec.source)
-    found = _matches(target, sites.linears)
+    if target.kind == "role" and target.value == EXPERTS and not experts:
+        raise SpecError.at(target.span, f"{method} on the stacked expert weights is not supported yet (lora "
+                           "adapts them)", spec.source)
+    found = _matches(target, _candidates(sites, experts))
     if not found and target.kind == "role":
-        raise SpecError.at(target.span, f"the model has no '{target.value}' linears; it has "
+        what = (": no mixture-of-experts block with stacked expert weights" if target.value == EXPERTS
+                else " linears")
+        raise SpecError.at(target.span, f"the model has no '{target.value}'{what}; it has "
                            f"{sites.summary()}", spec.source)
     return found
 
@@ -85,18 +99,20 @@ def _minus(a: Selection, b: Selection) -> Selection | None:
     return Selection(a.site, left) if left else None
 
 
-def select(statement, sites: ModelSites, spec) -> list[Selection]:
-    """What a statement selects, in graph order: role words on a fused projection select its slices."""
+def select(statement, sites: ModelSites, spec, *, experts: bool = False) -> list[Selection]:
+    """What a statement selects, in graph order (linears, then stacked expert weights when ``experts``):
+    role words on a fused projection select its slices."""
+    candidates = _candidates(sites, experts)
     chosen: dict[str, Selection] = {}
     for target in statement.targets:
-        for found in _select_target(target, sites, spec, statement.method):
+        for found in _select_target(target, sites, spec, statement.method, experts):
             node = found.site.node
             chosen[node] = _union(chosen[node], found) if node in chosen else found
     layers = statement.options.get("layers")
     if layers is not None:
         chosen = {k: s for k, s in chosen.items() if s.site.layer is not None and layers.contains(s.site.layer)}
     for target in statement.options.get("exclude") or ():
-        for found in _matches(target, sites.linears):
+        for found in _matches(target, candidates):
             node = found.site.node
             if node in chosen:
                 rest = _minus(chosen[node], found)
@@ -107,7 +123,7 @@ def select(statement, sites: ModelSites, spec) -> list[Selection]:
     if not chosen:
         raise SpecError.at(statement.span, f"'{statement}' selects nothing in the model; the model has "
                            f"{sites.summary()}", spec.source)
-    order = {s.node: i for i, s in enumerate(sites.linears)}
+    order = {s.node: i for i, s in enumerate(candidates)}
     return sorted(chosen.values(), key=lambda s: order[s.site.node])
 
 

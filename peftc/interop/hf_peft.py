@@ -20,7 +20,8 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
-#: adapter_config fields peftc does not implement; a file that sets them is refused, not half-loaded
+#: adapter_config fields peftc does not implement; a file that sets them is refused, not half-loaded, unless
+#: its format reads the field itself (:attr:`Format.reads`: LORA's target_parameters)
 UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "target_parameters": None,
                "layer_replication": None, "trainable_token_indices": None}
 
@@ -30,13 +31,15 @@ class Format:
     """One method's HF PEFT file format. ``save(model, records) -> (config fields, tensors)``;
     ``load(model, records, config, tensors, path)`` copies the tensors in (shapes checked);
     ``spec_text(config, sites) -> str`` is the peftc spec the config describes; ``check(config, path)``
-    refuses a config whose fields this format reads but cannot use (an AdapterError naming the field)."""
+    refuses a config whose fields this format reads but cannot use (an AdapterError naming the field);
+    ``reads`` names the :data:`UNSUPPORTED` fields it implements."""
     method: str
     peft_type: str
     save: Callable
     load: Callable
     spec_text: Callable
     check: Callable | None = None
+    reads: tuple[str, ...] = ()
 
 
 FORMATS: dict[str, Format] = {}
@@ -136,7 +139,10 @@ def read_config(directory: str | Path) -> dict:
     config = read_json(path, AdapterError)
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    fmt = next((f for f in formats().values() if f.peft_type == config.get("peft_type")), None)
     for field, default in UNSUPPORTED.items():
+        if fmt is not None and field in fmt.reads:
+            continue
         if config.get(field, default) not in (default, [], {}):
             raise AdapterError(f"{path}: '{field}' = {config[field]!r} is not supported by peftc")
     if config.get("bias", "none") != "none":
@@ -202,6 +208,13 @@ def check_modules(config: dict, key: str, path) -> None:
         _regex(path, key, value)
     elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         _refuse(path, key, value, "a list of module names or a regular expression")
+
+
+def check_parameters(config: dict, key: str, path) -> None:
+    """None or a list of parameter names (HF PEFT's target_parameters: a string is refused there too)."""
+    value = config.get(key)
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+        _refuse(path, key, value, "a list of parameter names")
 
 
 def check_patterns(config: dict, key: str, path, value_ok, what: str) -> None:

@@ -39,9 +39,11 @@ ROLES: dict[str, str] = {
     "up": "MLP up projection",
     "down": "MLP down projection",
     "router": "mixture-of-experts router (the linear whose scores choose the experts); not in all-linear",
+    "experts": "mixture-of-experts stacked expert weights (3-D parameters, one LoRA per expert; lora only); "
+               "not in all-linear",
     "attn": "every attention projection (q, k, v, o)",
     "ffn": "every MLP projection (gate, up, down)",
-    "all-linear": "every linear layer but the output head and the routers",
+    "all-linear": "every linear layer but the output head and the routers (never the experts)",
     "embed": "the token embedding",
     "head": "the output head",
 }

@@ -6,7 +6,8 @@ words adapt only their output slices: each role gets its own rank-r LoRA, which 
 on the module with a block-diagonal B (how HF PEFT's files hold it). Several LoRAs on one linear chain
 their sums. After the last lora statement, the A projections of sites that read the same input (q, k and
 v; gate and up) become one matmul (``fuse_shared_inputs``). ``fold`` merges s·B·A into the base weight and
-removes the branch."""
+removes the branch. On stacked expert weights (role ``experts``) the LoRA is one per expert, added to the
+weight where the graph reads it, as HF PEFT's target_parameters LoRA is (:mod:`peftc.methods.lora.experts`)."""
 from __future__ import annotations
 
 import math
@@ -19,11 +20,12 @@ from torch.fx import GraphModule
 
 from peftc.compiler.record import Record
 from peftc.graph.analysis import LinearSite, input_of, weight_of
-from peftc.lang.diagnostics import check_allocation
+from peftc.lang.diagnostics import SpecError, check_allocation
 from peftc.errors import PassError
 from peftc.graph.rewrite import remove_branch, set_weight
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
 from peftc.graph.targets import Selection, select
+from peftc.methods.lora import experts
 
 aten = torch.ops.aten
 
@@ -34,15 +36,17 @@ FUSE_SHARED_INPUTS = True
 class LoraWeights(nn.Module):
     """The low-rank factors of one LoRA site. A whole linear has A: r×in and B: out×r, as in HF PEFT.
     Slices of a fused projection (roles 1..n) have one rank-r LoRA each, stored stacked: A is (n·r)×in
-    and B is (Σ out_i)×r; ``perm`` places the block-diagonal B_full = diag(B_1..B_n) on the right rows."""
+    and B is (Σ out_i)×r; ``perm`` places the block-diagonal B_full = diag(B_1..B_n) on the right rows.
+    Stacked expert weights (``experts`` E > 1) have a rank-r LoRA per expert in HF PEFT's layout: A is
+    (E·r)×in and B is out×(r·E) (:mod:`peftc.methods.lora.experts`)."""
 
     def __init__(self, in_features: int, out_features: int, blocks: list[tuple[str, tuple[int, ...]]],
-                 r: int, init: str):
+                 r: int, init: str, experts: int = 1):
         super().__init__()
         rows = sum(len(features) for _, features in blocks)
-        self.lora_A = nn.Parameter(torch.empty(r * len(blocks), in_features))
-        self.lora_B = nn.Parameter(torch.zeros(rows, r))
-        if init == "gaussian":
+        self.lora_A = nn.Parameter(torch.empty(r * len(blocks) * experts, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r * experts))
+        if init == "gaussian":   # std 1/r with r the rank of each expert's LoRA, as HF PEFT's
             nn.init.normal_(self.lora_A, std=1 / r)
         else:  # HF PEFT's default: kaiming-uniform A, zero B
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -175,6 +179,26 @@ class LoraRecord(Record):
         return delta.T if self.site.kind == "conv1d" else delta
 
 
+@dataclass
+class ExpertLoraRecord(LoraRecord):
+    """A LoRA per expert on a stacked expert weight (site kind ``experts``), added to the weight where the
+    graph reads it; it has no A projection of an input (``down`` stays empty)."""
+
+    def delta(self, gm: GraphModule) -> torch.Tensor:
+        a, b = self.factors(gm)
+        return experts.delta(a, b, self.site.experts, self.scale)
+
+    def fold(self, gm: GraphModule) -> None:
+        delta = self.delta(gm)
+        if not torch.isfinite(delta).all():
+            raise PassError(f"LoRA weights of {self.key} contain NaN or inf; refusing to merge")
+        owner, _, name = self.site.weight.rpartition(".")
+        module = gm.get_submodule(owner)
+        weight = getattr(module, name).detach()
+        setattr(module, name, nn.Parameter((weight + delta).to(weight.dtype), requires_grad=False))
+        remove_branch(gm, self)
+
+
 @register
 class LoraPass(Pass):
     keyword = "lora"
@@ -182,54 +206,29 @@ class LoraPass(Pass):
 
     def run(self, ctx: CompileContext, statement, index: int) -> PassResult:
         opts = statement.options
-        selections = select(statement, ctx.sites, ctx.spec)
+        selections = select(statement, ctx.sites, ctx.spec, experts=True)
         _check_overlap(ctx, statement, selections)
-        r = opts["r"]     # A is (r · slices) × in, B is (adapted outputs) × r
+        _check_experts_dropout(ctx, statement, selections)
+        r = opts["r"]     # A is (r · slices · experts) × in, B is (adapted outputs) × (r · experts)
         check_allocation(statement, ctx.spec.source, sum(
-            r * len(s.features()) * s.site.in_features + r * sum(len(f) for _, f in s.features())
+            max(s.site.experts, 1) * (r * len(s.features()) * s.site.in_features
+                                      + r * sum(len(f) for _, f in s.features()))
             for s in selections), f"on {len(selections)} linear{'s' if len(selections) > 1 else ''}",
             "lower r")
-        graph = ctx.gm.graph
-        nodes = {n.name: n for n in graph.nodes}
         for selection in selections:
             site = selection.site
-            linear = nodes[site.node]
-            x = input_of(linear, site.kind)
-            record = LoraRecord(statement=index, site=site, module=ctx.module_name("lora"),
-                                r=opts["r"], alpha=float(opts["alpha"]), dropout=float(opts["dropout"]),
-                                rslora=bool(opts["rslora"]), init=opts["init"], roles=selection.roles,
-                                blocks=selection.features())
+            record_type = ExpertLoraRecord if site.kind == "experts" else LoraRecord
+            record = record_type(statement=index, site=site, module=ctx.module_name("lora"),
+                                 r=opts["r"], alpha=float(opts["alpha"]), dropout=float(opts["dropout"]),
+                                 rslora=bool(opts["rslora"]), init=opts["init"], roles=selection.roles,
+                                 blocks=selection.features())
             base, adapter = ctx.dtypes(site.node)
             ctx.add_module(record.module, LoraWeights(site.in_features, site.out_features, record.blocks,
-                                                      record.r, opts["init"]).to(adapter))
-            x = ctx.cast(x, adapter, base)
-            tip = ctx.output_of(site.node)
-            with graph.inserting_before(tip.next):
-                a = graph.get_attr(f"{record.module}.lora_A")
-                b = graph.get_attr(f"{record.module}.lora_B")
-                inserted = [a, b]
-                if record.roles is not None:
-                    perm = graph.get_attr(f"{record.module}.perm")
-                    inserted.append(perm)
-                    b = full_b(b, perm, [len(f) for _, f in record.blocks], record.r,
-                               ops=_GraphOps(graph, inserted))
-                h = x
-                if record.dropout > 0:
-                    h = graph.call_function(aten.dropout.default, (x, record.dropout, False))
-                    inserted.append(h)
-                down = graph.call_function(aten.linear.default, (h, a))
-                up = graph.call_function(aten.linear.default, (down, b))
-                scaled = graph.call_function(aten.mul.Tensor, (up, record.scale))
-                total = graph.call_function(aten.add.Tensor, (tip, scaled))
-                inserted += [down, up, scaled, total]
-                if adapter != base:     # HF PEFT: the sum in the adapter's dtype, then the base's dtype again
-                    total = graph.call_function(aten._to_copy.default, (total,), {"dtype": base})
-                    inserted.append(total)
-            ctx.replace_output(site.node, total, inserted)
+                                                      record.r, opts["init"], max(site.experts, 1)).to(adapter))
+            inserted = (_on_experts if site.kind == "experts" else _on_linear)(ctx, record, base, adapter)
             for node in inserted:
                 ctx.tag(node, self.keyword, statement, index)
-            record.nodes, record.down = [n.name for n in inserted], down.name
-            nodes.update({n.name: n for n in inserted})
+            record.nodes = [n.name for n in inserted]
             ctx.records.append(record)
         return PassResult(ctx.gm, modified=True)
 
@@ -253,6 +252,62 @@ class LoraPass(Pass):
         remove_branch(gm, record)
 
 
+def _on_linear(ctx: CompileContext, record: LoraRecord, base: torch.dtype, adapter: torch.dtype) -> list:
+    """Add s · B(A(dropout(x))) to the linear's output; returns the inserted nodes, the sum last."""
+    graph, site = ctx.gm.graph, record.site
+    linear = next(n for n in graph.nodes if n.name == site.node)
+    x = ctx.cast(input_of(linear, site.kind), adapter, base)
+    tip = ctx.output_of(site.node)
+    with graph.inserting_before(tip.next):
+        a = graph.get_attr(f"{record.module}.lora_A")
+        b = graph.get_attr(f"{record.module}.lora_B")
+        inserted = [a, b]
+        if record.roles is not None:
+            perm = graph.get_attr(f"{record.module}.perm")
+            inserted.append(perm)
+            b = full_b(b, perm, [len(f) for _, f in record.blocks], record.r, ops=_GraphOps(graph, inserted))
+        h = x
+        if record.dropout > 0:
+            h = graph.call_function(aten.dropout.default, (x, record.dropout, False))
+            inserted.append(h)
+        down = graph.call_function(aten.linear.default, (h, a))
+        up = graph.call_function(aten.linear.default, (down, b))
+        scaled = graph.call_function(aten.mul.Tensor, (up, record.scale))
+        total = graph.call_function(aten.add.Tensor, (tip, scaled))
+        inserted += [down, up, scaled, total]
+        if adapter != base:     # HF PEFT: the sum in the adapter's dtype, then the base's dtype again
+            total = graph.call_function(aten._to_copy.default, (total,), {"dtype": base})
+            inserted.append(total)
+    ctx.replace_output(site.node, total, inserted)
+    record.down = down.name
+    return inserted
+
+
+def _on_experts(ctx: CompileContext, record: LoraRecord, base: torch.dtype, adapter: torch.dtype) -> list:
+    """Read the stacked expert weight as W + s · B_e A_e (per expert e) wherever the graph read W; returns
+    the inserted nodes, the adapted weight last."""
+    graph, site = ctx.gm.graph, record.site
+    weight = next(n for n in graph.nodes if n.name == site.node)
+    with graph.inserting_before(weight.next):
+        a = graph.get_attr(f"{record.module}.lora_A")
+        b = graph.get_attr(f"{record.module}.lora_B")
+        shape = (site.experts, site.out_features, site.in_features)
+        inserted = [a, b] + experts.emit(graph, weight, a, b, shape, record.r, record.scale,
+                                         base if adapter != base else None)
+    adapted = inserted[-1]
+    weight.replace_all_uses_with(adapted, delete_user_cb=lambda user: user is not adapted)
+    return inserted
+
+
+def _check_experts_dropout(ctx: CompileContext, statement, selections: list[Selection]) -> None:
+    stacked = [s.site.path for s in selections if s.site.kind == "experts"]
+    if stacked and statement.options["dropout"] > 0:
+        raise SpecError.at(statement.span, f"dropout cannot act on the stacked expert weights ({stacked[0]}"
+                           f"{', ...' if len(stacked) > 1 else ''}): their LoRA is added to the weight, which "
+                           "has no input of its own to drop (HF PEFT refuses lora_dropout there too)",
+                           ctx.spec.source, "adapt them in a lora statement without dropout")
+
+
 def fuse_shared_inputs(ctx: CompileContext) -> PassResult:
     """Compute the A projections of LoRA sites that read the same input node as one matmul: the sites'
     ``lora_A`` (each stays its own parameter) are concatenated, multiplied with the input once, and each
@@ -265,7 +320,7 @@ def fuse_shared_inputs(ctx: CompileContext) -> PassResult:
     position = {n: i for i, n in enumerate(graph.nodes)}
     groups: dict[tuple, list[LoraRecord]] = {}
     for record in ctx.records:
-        if record.method == "lora" and record.dropout == 0:
+        if record.method == "lora" and record.dropout == 0 and record.site.kind != "experts":
             a = ctx.gm.get_submodule(record.module).lora_A
             groups.setdefault((nodes[record.down].args[0], a.dtype, a.device), []).append(record)
     fused_any = False
