@@ -64,12 +64,15 @@ def sdpa_args(node: Node) -> dict:
 
 
 def extend_attention(emit: Emit, sdpa: Node, key_prefix: Node, value_prefix: Node, tokens: int,
-                     heads: int, kv_heads: int, dtype: torch.dtype = torch.float32) -> None:
+                     heads: int, kv_heads: int, dtype: torch.dtype = torch.float32,
+                     window: int | None = None) -> None:
     """Rewrite ``sdpa`` to attend over ``tokens`` prefix positions first. ``key_prefix``/``value_prefix``
     are (kv_heads, P, head_dim) nodes of ``dtype`` (cast to the keys' dtype where that differs); emitted
     nodes go before ``sdpa``. With ``enable_gqa`` SDPA repeats
     the heads itself, else prefixes are repeated like transformers' ``repeat_kv`` (head h reads kv head
-    h // (heads / kv_heads))."""
+    h // (heads / kv_heads)). Every query sees every prefix position, unless ``window`` W is given (a
+    sliding-window attention, whose mask must then be given): real query i sees prefix position p only
+    while ``P + i - p < W``, as a KV cache holding the prefix at positions 0..P-1 would give."""
     a = sdpa_args(sdpa)
     q, k, v, mask, causal = a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"]
     k_val = k.meta.get("val")
@@ -89,7 +92,10 @@ def extend_attention(emit: Emit, sdpa: Node, key_prefix: Node, value_prefix: Nod
         new_k = emit(aten.cat.default, [expanded[0], k], 2)
         new_v = emit(aten.cat.default, [expanded[1], v], 2)
         if mask is not None:
-            new_mask = _extend_mask(emit, mask, tokens)
+            seen = _in_window(emit, q, k, tokens, window) if window is not None else None
+            new_mask = _extend_mask(emit, mask, tokens, seen)
+        elif window is not None:
+            raise PassError(f"attention {sdpa.name} has a sliding window but no mask to extend")
         elif causal:
             # is_causal is top-left aligned: query i sees keys 0..i; the prefix columns are seen by all
             tq = emit(aten.sym_size.int, q, 2)
@@ -106,15 +112,35 @@ def extend_attention(emit: Emit, sdpa: Node, key_prefix: Node, value_prefix: Nod
     sdpa.kwargs = kwargs
 
 
-def _extend_mask(emit: Emit, mask: Node, tokens: int) -> Node:
-    """[visible × P, mask] along the last axis: True for a bool mask, 0 for an additive float mask."""
+def _extend_mask(emit: Emit, mask: Node, tokens: int, seen: Node | None = None) -> Node:
+    """[prefix columns, mask] along the last axis. The P columns are visible (True for a bool mask, 0 for an
+    additive float mask) to every query, or where ``seen`` (queries × P, bool) says; else False, or the
+    dtype's lowest value as transformers masks."""
     val = mask.meta.get("val")
     is_bool = val is None or val.dtype == torch.bool
     ndim = val.dim() if val is not None else 4
     first = emit(aten.slice.Tensor, mask, ndim - 1, 0, 1)
     fill = emit(aten.full_like.default, first, True if is_bool else 0.0)
-    cols = emit(aten.expand.default, fill, [-1] * (ndim - 1) + [tokens])
+    if seen is None:
+        cols = emit(aten.expand.default, fill, [-1] * (ndim - 1) + [tokens])
+    elif is_bool:
+        cols = emit(aten.logical_and.default, fill, seen)
+    else:
+        hidden = emit(aten.full_like.default, first, torch.finfo(val.dtype).min)
+        cols = emit(aten.where.self, seen, fill, hidden)
     return emit(aten.cat.default, [cols, mask], ndim - 1)
+
+
+def _in_window(emit: Emit, q: Node, k: Node, tokens: int, window: int) -> Node:
+    """(queries, P) bool: real query r sees prefix position p while ``P + i - p < window``, i = r + Tk - Tq
+    its position among the keys (the queries are the last Tq of the Tk keys: all of them in a whole-sequence
+    forward, the new ones when keys come from a cache). Counted with cumsums of ones made from ``q``, so the
+    nodes follow the model's device."""
+    tq, tk = emit(aten.sym_size.int, q, 2), emit(aten.sym_size.int, k, 2)
+    ones = emit(aten.new_ones.default, q, [tq, tokens], dtype=torch.long)
+    rows, cols = emit(aten.cumsum.default, ones, 0), emit(aten.cumsum.default, ones, 1)   # r + 1, p + 1
+    since = emit(aten.sub.Tensor, emit(aten.add.Tensor, emit(aten.sub.Tensor, rows, cols), tk), tq)  # i - p
+    return emit(aten.lt.Scalar, since, window - tokens)
 
 
 def attention_sites(ctx: CompileContext) -> list[AttentionSite]:

@@ -4,7 +4,9 @@ Every selected ``scaled_dot_product_attention(q, k, v, mask)`` becomes
 ``sdpa(q, [Pk; k], [Pv; v], [visible; mask])``: learned key and value prefixes (P positions, the number of
 *key/value* heads, so grouped-query attention needs no more than HF PEFT stores; they are repeated like
 ``repeat_kv`` when the keys reach SDPA already repeated) are concatenated along the sequence axis, and the
-mask gains P columns every query can see (bool, float and ``is_causal=True`` attention alike).
+mask gains P columns every query can see (bool, float and ``is_causal=True`` attention alike), or, in a
+sliding-window attention, only while they are inside the query's window, as the window drops cached
+tokens (:mod:`peftc.methods.prefix.window` finds which attentions slide, from their masks).
 
 HF PEFT feeds its prefix through the KV cache, so the real tokens sit at positions P..P+T-1. To give the
 same numbers the pass shifts the model's position ids by P: it finds the integer position tensors that
@@ -30,6 +32,7 @@ from peftc.errors import PassError
 from peftc.lang.diagnostics import SpecError, check_allocation
 from peftc.methods.prefix.attention import AttentionSite, Emit, attention_sites, extend_attention
 from peftc.methods.prefix.positions import shift_positions
+from peftc.methods.prefix.window import attention_windows
 
 aten = torch.ops.aten
 
@@ -71,6 +74,8 @@ class PrefixRecord(Record):
     nodes: list[str] = field(default_factory=list)
     #: the position-id nodes shifted by P (shared by the statement's records)
     shifted: list[str] = field(default_factory=list)
+    #: the attention's sliding window, if its mask has one: prefix positions leave it like cached tokens
+    window: int | None = None
     method: str = "prefix"
 
     @property
@@ -149,8 +154,9 @@ class PrefixPass(Pass):
         sites = self._sites(ctx, statement)
         emit = Emit(ctx, statement, index, self.keyword)
         nodes = {n.name: n for n in ctx.gm.graph.nodes}
-        records = [PrefixRecord(statement=index, site=s, module=f"peftc_prefix_{i}", tokens=tokens, index=i)
-                   for i, s in enumerate(sites)]
+        windows = attention_windows(ctx.gm, ctx.config, [nodes[s.node] for s in sites], ctx.value)
+        records = [PrefixRecord(statement=index, site=s, module=f"peftc_prefix_{i}", tokens=tokens, index=i,
+                                window=windows.get(s.node)) for i, s in enumerate(sites)]
         for record in records:
             s = record.site
             ctx.add_module(record.module, PrefixWeights(s.kv_heads, tokens, s.head_dim, empty=hidden is not None)
@@ -171,7 +177,8 @@ class PrefixPass(Pass):
                     pair = (emit.attr(f"{record.module}.key"), emit.attr(f"{record.module}.value"))
             else:
                 pair = prefix_nodes[record.module]
-            extend_attention(emit, sdpa, pair[0], pair[1], tokens, s.heads, s.kv_heads, ctx.dtypes(s.node)[1])
+            extend_attention(emit, sdpa, pair[0], pair[1], tokens, s.heads, s.kv_heads, ctx.dtypes(s.node)[1],
+                             record.window)
             record.nodes = [n.name for n in emit.nodes[start:]]
         start = len(emit.nodes)
         shifted = shift_positions(emit, tokens)
