@@ -168,24 +168,30 @@ def test_lora_experts_equals_hf_peft_through_its_files_both_ways(build, tmp_path
     assert_close(again(IDS), expected, rel=SAME_FUNCTION, why="the same files into a spec written by hand")
 
 
-def test_one_stacked_weight_by_its_path_is_keyed_as_hf_peft_keys_it(tmp_path):
-    """One adapted parameter of the experts module has no ``base_layer`` in HF PEFT's keys (two have, for the
-    one registered first): a glob on ``down_proj`` alone round-trips both ways."""
+def test_one_stacked_weight_and_the_routers_with_their_own_ranks_round_trip(tmp_path):
+    """One adapted parameter of an experts module has no ``base_layer`` in HF PEFT's keys (of two, the one
+    registered first has one); rank_pattern matches a parameter's path; a router named by target_parameters
+    (``mlp.gate.weight``) is the router's LoRA. Both ways through the files."""
     model = _shared(mixtral)
-    compiled = peftc.compile(model, 'lora "model.layers.*.mlp.experts.down_proj" r=3 alpha=6 rslora=true', seed=0)
+    spec = 'lora "model.layers.*.mlp.experts.down_proj" r=3 alpha=6 rslora=true\nlora router r=2 alpha=4 rslora=true'
+    compiled = peftc.compile(model, spec, seed=0)
     randomize_adapters(compiled, seed=2, scale=0.2)
     compiled.save_hf_peft(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(_seeded(mixtral), tmp_path / "ours")
-    assert set(_hf_factors(theirs)) == {f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)}
+    assert set(_hf_factors(theirs)) == {f"model.layers.{i}.{p}" for i in range(2)
+                                        for p in ("mlp.experts.down_proj", "mlp.gate.weight")}
     assert_close(compiled(IDS), _logits(theirs), rel=SAME_FUNCTION, why="HF PEFT's baddbmm on the same weights")
 
-    hf = peft.get_peft_model(_seeded(mixtral), peft.LoraConfig(r=3, lora_alpha=6, use_rslora=True,
-                                                               target_parameters=["mlp.experts.down_proj"],
-                                                               init_lora_weights=False))
+    hf = peft.get_peft_model(_seeded(mixtral), peft.LoraConfig(
+        r=2, lora_alpha=4, use_rslora=True, target_parameters=["mlp.experts.down_proj", "mlp.gate.weight"],
+        rank_pattern={"down_proj": 3}, alpha_pattern={"down_proj": 6}, init_lora_weights=False))
     expected = _logits(hf)
     hf.save_pretrained(tmp_path / "theirs")
-    assert_close(peftc.load_hf_peft(model, tmp_path / "theirs")(IDS), expected, rel=SAME_FUNCTION,
-                 why="HF PEFT's files read into peftc's spec")
+    loaded = peftc.load_hf_peft(model, tmp_path / "theirs")
+    assert sorted((r.site.path, r.r, r.alpha) for r in loaded.records) == sorted(
+        (f"model.layers.{i}.{p}", r, a) for i in range(2) for p, r, a in (("mlp.experts.down_proj", 3, 6.0),
+                                                                         ("mlp.gate", 2, 4.0)))
+    assert_close(loaded(IDS), expected, rel=SAME_FUNCTION, why="HF PEFT's files read into peftc's spec")
 
 
 def test_merge_folds_the_experts_lora_into_the_stacked_weights():

@@ -9,8 +9,10 @@ Stacked expert weights are HF PEFT's ``target_parameters`` (its ParamWrapper): n
 the adapted parameters of one module in nested wrappers, the first registered innermost, so their tensors
 are keyed by the module's path with one ``.base_layer`` per adapted parameter registered after it
 (``mlp.experts.base_layer.lora_A.weight`` for gate_up_proj beside ``mlp.experts.lora_A.weight`` for
-down_proj). A target_parameters entry naming a linear's ``weight`` (a router's, ``mlp.gate.weight``) is a
-LoRA on that linear."""
+down_proj). A target_parameters entry naming a linear's ``weight`` is a LoRA on that linear: how peftc
+writes a router (``model.layers.0.mlp.gate.weight``; transformers 5's routers are not nn.Linear modules, and
+for Mixtral and Qwen3-MoE HF PEFT rewrites a target_modules entry ending in ``.gate`` into ``gate.weight``,
+which is every layer's router)."""
 from __future__ import annotations
 
 import json
@@ -84,8 +86,17 @@ def module_loras(model, use_rslora: bool) -> list[ModuleLora]:
     return [ModuleLora.of(path, records, use_rslora) for path, records in groups.items()]
 
 
-def _stacked(module: ModuleLora) -> bool:
-    return module.records[0].site.kind == "experts"
+def _parameter(site) -> str | None:
+    """The target_parameters entry peftc writes for a site: a stacked expert weight's path, a router's
+    ``weight``; None for a linear written in target_modules."""
+    if site.kind == "experts":
+        return site.path
+    return f"{site.path}.weight" if site.role == "router" else None
+
+
+def _hf_key(module: ModuleLora) -> str:
+    """What HF PEFT matches rank_pattern and alpha_pattern against: the parameter's path, or the module's."""
+    return _parameter(module.records[0].site) or module.path
 
 
 def _prefixes(gm, sites) -> dict[str, str]:
@@ -115,19 +126,19 @@ def _keys(model, modules: list[ModuleLora]) -> dict[str, tuple[str, str]]:
 def _save(model, records) -> tuple[dict, dict]:
     first = records[0]
     modules = module_loras(model, first.rslora)
-    stacked = [m.path for m in modules if _stacked(m)]
+    parameters = [_hf_key(m) for m in modules if _parameter(m.records[0].site)]
     dropouts = sorted({r.dropout for r in records} - {0.0})
-    if stacked and dropouts:
-        raise AdapterError(f"HF PEFT's files hold one lora_dropout for every module, and its LoRA on stacked "
-                           f"expert weights ({stacked[0]}) takes none; this model's lora statements use "
+    if parameters and dropouts:
+        raise AdapterError(f"HF PEFT's files hold one lora_dropout for every module, and its LoRA on a parameter "
+                           f"({parameters[0]}) takes none; this model's lora statements use "
                            f"dropout={dropouts[0]:g}")
     base = modules[0]
     fields = {
         "r": base.rank, "lora_alpha": base.alpha, "lora_dropout": first.dropout, "use_rslora": first.rslora,
-        "target_modules": sorted(m.path for m in modules if not _stacked(m)),
-        **({"target_parameters": sorted(stacked)} if stacked else {}),
-        "rank_pattern": {re.escape(m.path): m.rank for m in modules if m.rank != base.rank},
-        "alpha_pattern": {re.escape(m.path): m.alpha for m in modules if m.alpha != base.alpha},
+        "target_modules": sorted(m.path for m in modules if not _parameter(m.records[0].site)),
+        **({"target_parameters": sorted(parameters)} if parameters else {}),
+        "rank_pattern": {re.escape(_hf_key(m)): m.rank for m in modules if m.rank != base.rank},
+        "alpha_pattern": {re.escape(_hf_key(m)): m.alpha for m in modules if m.alpha != base.alpha},
         "bias": "none", "fan_in_fan_out": any(r.site.kind == "conv1d" for r in records),
         "init_lora_weights": INIT_LORA_WEIGHTS[first.init], "modules_to_save": None,
     }
