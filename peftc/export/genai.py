@@ -110,6 +110,9 @@ def genai_config(config, layout: CacheLayout, vocab: int) -> dict:
         raise ExportError("ONNX Runtime GenAI takes one key/value shape for every layer; this model's attentions "
                           f"have {sorted(layout.heads)}")
     eos = config.eos_token_id
+    if eos is None or eos == []:
+        raise ExportError("ONNX Runtime GenAI needs an end-of-sequence token, and the model's config names no "
+                          "eos_token_id")
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     hidden = getattr(config, "hidden_size", None) or layout.heads[0][0] * layout.heads[0][1]
     return {
@@ -218,11 +221,16 @@ def _verify_prompts(config) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 3, 11)]
 
 
-def _margin_agrees(reference: np.ndarray, got: np.ndarray, logits: list[np.ndarray], tol: float) -> bool:
+def _margin_agrees(reference: np.ndarray, got: np.ndarray, logits: list[np.ndarray], tol: float,
+                   eos: set[int]) -> bool:
     """Each row's tokens equal up to where they part, and they part only at a step whose top two logits are
-    within ``tol`` (a tie either decoder may break; what follows is not comparable)."""
+    within ``tol`` (a tie either decoder may break; what follows is not comparable). A reference row ends at
+    its first end-of-sequence token (``generate()`` pads after it)."""
     for row in range(reference.shape[0]):
-        differ = np.nonzero(reference[row, :got.shape[1]] != got[row, :reference.shape[1]])[0]
+        ref = reference[row].tolist()
+        end = next((t + 1 for t, token in enumerate(ref) if token in eos), len(ref))
+        length = min(end, got.shape[1])
+        differ = np.nonzero(reference[row, :length] != got[row, :length])[0]
         if differ.size:
             top = np.sort(logits[differ[0]][row])[-2:]
             if top[1] - top[0] > tol:
@@ -256,10 +264,11 @@ def verify_decoder(step, model, decoder: CacheDecoder, *, hf_model=None,
     if hf_model is not None:
         with torch.no_grad():
             out = hf_model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                    do_sample=False, max_new_tokens=VERIFY_NEW_TOKENS, min_new_tokens=VERIFY_NEW_TOKENS,
-                                    pad_token_id=pad, num_beams=1)
+                                    do_sample=False, max_new_tokens=VERIFY_NEW_TOKENS, pad_token_id=pad, num_beams=1)
         reference = out[:, ids.shape[1]:].numpy()
-        if not _margin_agrees(reference, tokens, got, tolerance * scale):
+        eos = hf_model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if not _margin_agrees(reference, tokens, got, tolerance * scale, eos):
             raise ExportError(f"ONNX Runtime's greedy tokens {tokens.tolist()} differ from transformers' "
                               f"generate() {reference.tolist()} on the merged weights")
         checked.append("greedy tokens equal transformers' generate() on the merged weights")

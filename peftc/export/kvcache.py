@@ -15,7 +15,8 @@ into a decoder step ``(input_ids, attention_mask, past...) -> (logits, present..
 - position ids become what ``transformers``' ``generate()`` gives: the count of kept positions before each
   token (``cumsum(attention_mask) - 1``), so cached and left-padded rows get their true positions. The
   rewrite adds ``positions - arange(S)`` to the model's own position tensor (found as the prefix pass finds
-  it: an integer ``arange`` reaching the attention's inputs), so a prefix's shift is kept.
+  it: an integer ``arange`` reaching the attention's inputs), so a prefix's shift is kept; a model that
+  counts positions from the mask itself (OPT's ``cumsum``) keeps the last S columns of its count.
 
 What the rewrite cannot place (no SDPA, positions it cannot find, a mask read elsewhere) is an ExportError
 that names the node."""
@@ -100,7 +101,7 @@ def cache_decoder(model) -> CacheDecoder:
         seq = graph.call_function(aten.sym_size.int, (ids, 1))
         past_len = graph.call_function(aten.sym_size.int, (pasts[0], 2))
         positions = _positions(graph, mask, seq, past_len)
-    _shift_positions(gm, ids, positions)
+    readers = _shift_positions(gm, ids, positions, past_len)
     masks: dict[tuple, Node] = {}
     presents, heads = [], []
     for i, sdpa in enumerate(sdpas):
@@ -127,7 +128,7 @@ def cache_decoder(model) -> CacheDecoder:
     for node in [n for n in graph.nodes if n.target is aten._assert_tensor_metadata.default]:
         graph.erase_node(node)          # dtype checks of the capture; they would keep the old mask alive
     graph.eliminate_dead_code()
-    _check_mask_uses(mask, set(masks.values()) | {positions})
+    _check_mask_uses(mask, set(masks.values()) | set(readers))
     graph.lint()
     gm.recompile()
     return CacheDecoder(gm, CacheLayout(heads, max_positions(model.config)), model.config)
@@ -163,33 +164,66 @@ def _positions(graph: Graph, mask: Node, seq: Node, past_len: Node) -> Node:
     return call(aten.slice.Tensor, (before, 1, past_len, END))
 
 
-def _shift_positions(gm: GraphModule, ids: Node, positions: Node) -> None:
-    """Add ``positions - arange(S)`` to the model's (1 or batch, S) position tensor on the attention's path."""
-    graph = gm.graph
+def _shift_positions(gm: GraphModule, ids: Node, positions: Node, past_len: Node) -> list[Node]:
+    """Give the model's position tensors on the attention's path the new tokens' positions; returns the
+    nodes that now read the mask for that. An ``arange`` over the sequence (LLaMA, GPT-2, ...) gets
+    ``positions - arange(S)`` added where it becomes (1 or batch, S); a ``cumsum`` of the mask (OPT) already
+    counts over every position, so its last S columns are kept."""
     on_path = _value_path(gm)
-    roots = position_roots(gm)
-    if not roots:
-        return                                   # no positions (ALiBi): the mask alone says what is where
-    seq_sym = ids.meta["val"].shape[1]
-    for root in roots:
+    seq_sym = str(ids.meta["val"].shape[1])
+    readers = []
+    for root in position_roots(gm):                # none with ALiBi: the mask alone says what is where
+        if root.target is aten.cumsum.default:
+            readers.append(_keep_last(gm.graph, _last_elementwise(root, on_path), past_len))
+            continue
         node = root
-        while True:
-            val = _val(node)
-            if isinstance(val, torch.Tensor) and val.dim() == 2 and str(val.shape[1]) == str(seq_sym):
-                break
+        while not _is_2d_over(node, seq_sym):
             users = [u for u in node.users if u in on_path]
+            val = _val(node)
             if len(users) != 1 or not isinstance(val, torch.Tensor) or val.dim() > 2:
                 raise ExportError(f"cannot place cached positions: the position ids from {root.name} do not "
                                   f"become a (batch, sequence) tensor (at {node.name})")
             node = users[0]
         users = [u for u in node.users if u in on_path]
+        graph = gm.graph
         with graph.inserting_before(node.next):
             arange = graph.call_function(aten.arange.default, (graph.call_function(aten.sym_size.int, (ids, 1)),))
             delta = graph.call_function(aten.sub.Tensor, (positions, arange))
             moved = graph.call_function(aten.add.Tensor, (node, delta))
         for user in users:
             user.replace_input_with(node, moved)
-    graph.lint()
+        readers.append(positions)
+    return readers
+
+
+def _is_2d_over(node: Node, seq_sym: str) -> bool:
+    val = _val(node)
+    return isinstance(val, torch.Tensor) and val.dim() == 2 and str(val.shape[1]) == seq_sym
+
+
+POSITION_ARITHMETIC = {aten.mul.Tensor, aten.sub.Tensor, aten.add.Tensor, aten.sub.Scalar, aten.add.Scalar,
+                       aten.mul.Scalar, aten._to_copy.default, aten.to.dtype, aten.slice.Tensor,
+                       aten.type_as.default}
+
+
+def _last_elementwise(root: Node, on_path: set[Node]) -> Node:
+    """The end of the elementwise arithmetic that follows a mask's cumsum (OPT's ``cumsum * mask - 1``)."""
+    node = root
+    while True:
+        users = [u for u in node.users if u in on_path]
+        if len(users) != 1 or users[0].target not in POSITION_ARITHMETIC:
+            return node
+        node = users[0]
+
+
+def _keep_last(graph: Graph, node: Node, past_len: Node) -> Node:
+    """Replace ``node`` (batch, T) on its way to the attention by its last S columns (those after the past)."""
+    users = list(node.users)
+    with graph.inserting_before(node.next):
+        kept = graph.call_function(aten.slice.Tensor, (node, 1, past_len, END))
+    for user in users:
+        user.replace_input_with(node, kept)
+    return kept
 
 
 def _val(node: Node):

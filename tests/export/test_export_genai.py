@@ -8,7 +8,8 @@ import onnx
 import onnxruntime_genai as og
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import (AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 import peftc
 from conftest import randomize_adapters, token_ids
@@ -19,6 +20,11 @@ from peftc.export.kvcache import cache_decoder
 from peftc.export.hf import hf_from_merged
 
 PROMPTS = [[5, 9, 17, 33, 102, 7, 64], [40, 41, 42], [300, 12, 99, 140, 7]]
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=128,
+             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+#: families beyond the built-ins, saved as checkpoints so that the export's reference is transformers' own
+BUILT = {"qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **SMALL)),
+         "gemma": lambda: GemmaForCausalLM(GemmaConfig(num_key_value_heads=1, head_dim=16, **SMALL))}
 
 
 def _merged(spec: str, model="tiny-llama", seed: int = 1):
@@ -40,10 +46,13 @@ def _genai_tokens(path, prompt: list[int], new: int) -> list[int]:
     return out
 
 
-def _generate(hf, ids: np.ndarray, mask: np.ndarray, new: int) -> list[list[int]]:
+def _generate(hf, ids: np.ndarray, mask: np.ndarray, new: int, eos: int | None = None) -> list[list[int]]:
+    """generate()'s new tokens: exactly ``new`` (as onnxruntime-genai's min_length gives), or with ``eos`` up to
+    it, the finished rows padded with it (as peftc's decode loop pads them)."""
+    length = dict(min_new_tokens=new, pad_token_id=0) if eos is None else dict(eos_token_id=eos, pad_token_id=eos)
     with torch.no_grad():
         out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                          max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+                          max_new_tokens=new, **length)
     return out[:, ids.shape[1]:].tolist()
 
 
@@ -83,8 +92,8 @@ def test_genai_generates_what_transformers_generates(tmp_path):
         expected = _generate(hf, np.array([prompt]), np.ones((1, len(prompt)), np.int64), 10)[0]
         assert _genai_tokens(out, prompt, 10) == expected
     ids, mask = left_padded(PROMPTS, 0)
-    tokens, _ = decode(OnnxStep(out / "model.onnx"), ids, mask, 10)
-    assert tokens.tolist() == _generate(hf, ids, mask, 10)
+    tokens, _ = decode(OnnxStep(out / "model.onnx"), ids, mask, 10, eos_id=2)
+    assert tokens.tolist() == _generate(hf, ids, mask, 10, eos=2)
     _assert_named_as_genai_reads_them(out)
 
 
@@ -102,6 +111,43 @@ def _assert_named_as_genai_reads_them(out):
     assert len(inputs) == 2 + 2 * 4 and len(outputs) == 1 + 2 * 4
     config = json.loads((out / "genai_config.json").read_text())["model"]
     assert config["decoder"]["num_key_value_heads"] == 2 and config["decoder"]["num_hidden_layers"] == 4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for name, build in BUILT.items():
+        torch.manual_seed(0)
+        out[name] = tmp_path_factory.mktemp(name) / "checkpoint"
+        build().save_pretrained(out[name])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["tiny-gpt2", "tiny-phi3", "qwen2", "gemma", "tiny-opt", "tiny-neox", "tiny-falcon"])
+def test_families_generate_in_genai_what_transformers_generates(tmp_path, checkpoints, family):
+    """GPT-2 (learned positions, fused c_attn), Phi-3 (fused qkv), Qwen2 (q/k/v biases), Gemma (one key/value
+    head, scaled embedding), OPT (positions counted from the mask), GPT-NeoX (partial rotary), Falcon:
+    ``lora all-linear`` merged and exported; the export's own check compares a left-padded batch with
+    transformers' generate(), and onnxruntime-genai decodes each prompt as generate() does."""
+    ref = str(checkpoints[family]) if family in checkpoints else family
+    _, merged = _merged("lora all-linear r=4", model=ref)
+    result = peftc.export_genai(merged, tmp_path / "out")
+    assert any("generate()" in line for line in result.checked), result.checked
+    hf = hf_from_merged(merged) if family not in checkpoints else _reloaded(checkpoints[family], merged)
+    vocab = merged.config.vocab_size
+    for prompt in PROMPTS[:2]:
+        prompt = [t % vocab for t in prompt]
+        expected = _generate(hf, np.array([prompt]), np.ones((1, len(prompt)), np.int64), 8)[0]
+        assert _genai_tokens(tmp_path / "out", prompt, 8) == expected
+
+
+def _reloaded(checkpoint, merged):
+    """transformers' model of ``checkpoint`` holding the merged weights."""
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    state = {k.removeprefix("hf."): v for k, v in merged.graph_module.state_dict().items()}
+    hf.load_state_dict(state, strict=False)
+    return hf
 
 
 @pytest.mark.slow
