@@ -93,7 +93,8 @@ def cmd_explain(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("inspect", help="list a model's linears with their role, layer, shape and fused slices")
+    p = sub.add_parser("inspect", help="list a model's linears (and stacked expert weights) with their role, layer, "
+                       "shape and fused slices")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--model", dest="model_option", default=None, help="the model, as the positional argument "
                    "(a directory with only config.json will do: no weight is read)")

@@ -13,9 +13,10 @@ from peftc.graph.analysis import ATTENTION_ROLES, FFN_ROLES, LinearSite, ModelSi
 from peftc.lang.diagnostics import SpecError
 
 #: role words that stand for several roles; "all-linear" (and quant's "base") is every linear but the head
-#: and the mixture-of-experts routers (as HF PEFT's all-linear and bitsandbytes leave them), and never the
-#: stacked expert weights (HF PEFT's all-linear names nn.Linear modules; experts are parameters it reaches
-#: only through target_parameters)
+#: and the mixture-of-experts routers, and never the stacked expert weights: one meaning on every model.
+#: HF PEFT 0.21's all-linear names nn.Linear modules, which leaves both out on Qwen2-MoE, but on Mixtral and
+#: Qwen3-MoE it first maps all-linear through transformers 4's module names (w1/w2/w3, gate) and so adapts
+#: their routers and experts too (tests/graph/test_moe.py pins this; docs/methods.md says how to write that)
 GROUPS = {"attn": ATTENTION_ROLES, "ffn": FFN_ROLES}
 EVERY_LINEAR = ("all-linear", "base")
 NOT_EVERY_LINEAR = ("head", "router", "experts")

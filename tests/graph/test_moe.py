@@ -139,6 +139,16 @@ def test_lora_experts_equals_hf_peft_through_its_files_both_ways(build, tmp_path
     _check_expert_sites(model, prepare(model).sites)
     linears = peftc.compile(model, "lora all-linear r=2", seed=0)
     assert linears.records and not [r for r in linears.records if r.site.kind == "experts"]
+    # HF PEFT 0.21's all-linear maps transformers 4's names (w1/w2/w3, gate) onto the routers and stacked
+    # weights for Mixtral and Qwen3-MoE only (what docs/methods.md says); on Qwen2-MoE it adapts neither.
+    # Its file, target_parameters and gate_up_proj's doubled rank included, loads into peftc
+    hf_all = peft.get_peft_model(_seeded(build), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                                 init_lora_weights=False))
+    wrapped = {m.parameter_name for m in hf_all.modules() if type(m).__name__ == "ParamWrapper"}
+    assert wrapped == ({"weight", "gate_up_proj", "down_proj"} if build in (mixtral, qwen3_moe) else set())
+    hf_all.save_pretrained(tmp_path / "all-linear")
+    assert_close(peftc.load_hf_peft(model, tmp_path / "all-linear")(IDS), _logits(hf_all), rel=SAME_FUNCTION,
+                 why="HF PEFT's all-linear file read into peftc's spec")
     compiled = peftc.compile(model, "lora experts r=4 alpha=8", seed=0)
     fresh = compiled(IDS)
     assert_close(fresh, base, rel=SAME_FUNCTION, why="B starts at zero, as HF PEFT's")
