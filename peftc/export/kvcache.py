@@ -8,7 +8,8 @@ into a decoder step ``(input_ids, attention_mask, past...) -> (logits, present..
 - every attention ``sdpa(q, k, v, mask)`` gets two inputs, the past keys and values (batch, kv heads, P,
   head dim), and attends over ``[past; k]`` and ``[past; v]``, which are also its ``present`` outputs. A
   prefix (``prefix`` statements stay graph ops after merging) stays in front of them: it is a constant part
-  of the cache that is never returned;
+  of the cache that is never returned. So does a soft prompt, whose keys and values are computed once
+  (:mod:`peftc.export.constant_past`);
 - the model's mask is replaced by one over the T positions: key j is visible to new token i when the
   attention mask keeps j, ``j <= P + i`` and, under a sliding window W, ``j > P + i - W``; a token always
   sees itself, so a padded row computes finite values that no real token reads;
@@ -30,6 +31,7 @@ from torch.fx import Graph, GraphModule, Node
 from peftc.errors import ExportError
 from peftc.graph.analysis import ATTENTION_OPS
 from peftc.graph.capture import copy_graph_module, max_positions
+from peftc.export.constant_past import prompt_as_past
 from peftc.methods.prefix.attention import sdpa_args
 from peftc.methods.prefix.positions import position_roots, _value_path
 
@@ -80,18 +82,12 @@ def cache_decoder(model) -> CacheDecoder:
     its weights; the rewrite is described in the module doc."""
     if getattr(model, "kind", None) != "causal-lm":
         raise ExportError(f"a KV-cache decoder needs a causal LM; this model is {getattr(model, 'kind', '?')}")
-    gm = copy_graph_module(model.graph_module)
+    gm, prefixes = _graph_and_prefixes(model)
     graph = gm.graph
     ids, mask = [n for n in graph.nodes if n.op == "placeholder"][:2]
     sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
     if not sdpas:
         raise ExportError("the model has no scaled_dot_product_attention call to give a KV cache")
-    records = list(getattr(model, "records", ()))
-    prompts = [r for r in records if r.method == "prompt"]
-    if prompts:
-        raise ExportError(f"a soft prompt ({prompts[0].key}) has no KV-cache export yet: its positions come "
-                          "before the cache's; export this model with --onnx")
-    prefixes = {r.site.node: r for r in records if r.method == "prefix"}
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         graph.erase_node(node)          # it checks the capture's shapes: ids and mask of one length
     _sizes_from_ids(graph, ids, mask)
@@ -132,6 +128,15 @@ def cache_decoder(model) -> CacheDecoder:
     graph.lint()
     gm.recompile()
     return CacheDecoder(gm, CacheLayout(heads, max_positions(model.config)), model.config)
+
+
+def _graph_and_prefixes(model) -> tuple[GraphModule, dict]:
+    """A copy of the model's graph, and {SDPA node: the prefix in front of its keys}: the prefix statement's,
+    or a soft prompt's keys and values as constants (:mod:`peftc.export.constant_past`)."""
+    records = list(getattr(model, "records", ()))
+    if any(r.method == "prompt" for r in records):
+        return prompt_as_past(model)
+    return copy_graph_module(model.graph_module), {r.site.node: r for r in records if r.method == "prefix"}
 
 
 def _first_compute(graph: Graph) -> Node:
