@@ -1,6 +1,7 @@
-"""The prefix pass's rewrite of one attention: the SDPA calls of a graph as :class:`AttentionSite` (the key
-heads SDPA receives and those the k projection makes), and ``sdpa(q, k, v, mask)`` rewritten to attend over
-key and value prefixes first (:func:`extend_attention`)."""
+"""The prefix pass's rewrite of one attention: the attentions of a graph (SDPA calls, and softmax attention
+spelt out in aten ops) as :class:`AttentionSite` (the key heads the attention receives and those the k
+projection makes), and each rewritten to attend over key and value prefixes first
+(:func:`extend_attention`): ``sdpa(q, k, v, mask)`` becomes ``sdpa(q, [Pk; k], [Pv; v], [cols; mask])``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from peftc.compiler.passmanager import CompileContext
 from peftc.errors import PassError
 from peftc.graph.analysis import ATTENTION_OPS, layer_of
 from peftc.graph.capture import module_path
+from peftc.methods.prefix.explicit import (PROBABILITY_OPS, SOFTMAX_OPS, AttentionCall,
+                                           explicit_attention)
 
 aten = torch.ops.aten
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -63,24 +66,24 @@ def sdpa_args(node: Node) -> dict:
     return out
 
 
-def extend_attention(emit: Emit, sdpa: Node, key_prefix: Node, value_prefix: Node, tokens: int,
+def extend_attention(emit: Emit, attention: Node, key_prefix: Node, value_prefix: Node, tokens: int,
                      heads: int, kv_heads: int, dtype: torch.dtype = torch.float32,
                      window: int | None = None) -> None:
-    """Rewrite ``sdpa`` to attend over ``tokens`` prefix positions first. ``key_prefix``/``value_prefix``
-    are (kv_heads, P, head_dim) nodes of ``dtype`` (cast to the keys' dtype where that differs); emitted
-    nodes go before ``sdpa``. With ``enable_gqa`` SDPA repeats
+    """Rewrite ``attention`` (an SDPA call, or the ``matmul(probabilities, v)`` of a spelt-out softmax
+    attention, see :mod:`peftc.methods.prefix.explicit`) to attend over ``tokens`` prefix positions first.
+    ``key_prefix``/``value_prefix`` are (kv_heads, P, head_dim) nodes of ``dtype`` (cast to the keys' dtype
+    where that differs) that exist before its scores are computed. With SDPA's ``enable_gqa`` SDPA repeats
     the heads itself, else prefixes are repeated like transformers' ``repeat_kv`` (head h reads kv head
     h // (heads / kv_heads)). Every query sees every prefix position, unless ``window`` W is given (a
     sliding-window attention, whose mask must then be given): real query i sees prefix position p only
     while ``P + i - p < W``, as a KV cache holding the prefix at positions 0..P-1 would give."""
-    a = sdpa_args(sdpa)
-    q, k, v, mask, causal = a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"]
-    k_val = k.meta.get("val")
-    with emit.graph.inserting_before(sdpa):
-        batch = emit(aten.sym_size.int, k, 0)
-        expanded = []
-        for prefix in (key_prefix, value_prefix):
-            if heads != kv_heads and not a["enable_gqa"]:
+    call = attention_call(attention)
+    gqa = call.scores is None and sdpa_args(attention)["enable_gqa"]
+    k_val = call.key.meta.get("val")
+    expanded = []
+    for prefix, at in ((key_prefix, call.first), (value_prefix, call.node)):
+        with emit.graph.inserting_before(at):
+            if heads != kv_heads and not gqa:
                 rep = heads // kv_heads
                 prefix = emit(aten.unsqueeze.default, prefix, 1)
                 prefix = emit(aten.expand.default, prefix, [kv_heads, rep, tokens, -1])
@@ -88,27 +91,67 @@ def extend_attention(emit: Emit, sdpa: Node, key_prefix: Node, value_prefix: Nod
             if k_val is not None and k_val.dtype != dtype:
                 prefix = emit(aten._to_copy.default, prefix, dtype=k_val.dtype)
             prefix = emit(aten.unsqueeze.default, prefix, 0)
+            batch = emit(aten.sym_size.int, call.key, 0)
             expanded.append(emit(aten.expand.default, prefix, [batch, -1, -1, -1]))
-        new_k = emit(aten.cat.default, [expanded[0], k], 2)
-        new_v = emit(aten.cat.default, [expanded[1], v], 2)
-        if mask is not None:
-            seen = _in_window(emit, q, k, tokens, window) if window is not None else None
-            new_mask = _extend_mask(emit, mask, tokens, seen)
-        elif window is not None:
-            raise PassError(f"attention {sdpa.name} has a sliding window but no mask to extend")
-        elif causal:
-            # is_causal is top-left aligned: query i sees keys 0..i; the prefix columns are seen by all
-            tq = emit(aten.sym_size.int, q, 2)
-            tk = emit(aten.sym_size.int, k, 2)
-            tri = emit(aten.tril.default, emit(aten.new_ones.default, q, [tq, tk], dtype=torch.bool))
-            seen = emit(aten.new_ones.default, q, [tq, tokens], dtype=torch.bool)
-            new_mask = emit(aten.cat.default, [seen, tri], 1)
-        else:
-            new_mask = None
+    with emit.graph.inserting_before(call.first):
+        new_k = emit(aten.cat.default, [expanded[0], call.key], 2)
+        new_mask = _new_mask(emit, call, tokens, window)
+    with emit.graph.inserting_before(call.node):
+        new_v = emit(aten.cat.default, [expanded[1], call.value], 2)
+    if call.scores is None:
+        _rewire_sdpa(call.node, new_k, new_v, new_mask)
+    else:
+        with emit.graph.inserting_before(call.scores):
+            transposed = emit(aten.transpose.int, new_k, -2, -1)
+        call.scores.args = (call.scores.args[0], transposed)
+        call.node.args = (call.node.args[0], new_v)
+        if call.mask_add is not None:
+            call.mask_add.replace_input_with(call.mask, new_mask)
+
+
+def attention_call(node: Node) -> AttentionCall:
+    """The SDPA call ``node``, or the spelt-out attention whose ``matmul(probabilities, v)`` it is."""
+    if node.target in ATTENTION_OPS:
+        a = sdpa_args(node)
+        return AttentionCall(node, a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"])
+    softmax = _probabilities_softmax(node)
+    call = explicit_attention(softmax) if softmax is not None else None
+    if call is None or call.node is not node:
+        raise PassError(f"{node.name} is neither an SDPA call nor the output of a softmax attention")
+    return call
+
+
+def _probabilities_softmax(node: Node) -> Node | None:
+    """The softmax whose probabilities ``matmul(probabilities, v)`` reads, through casts and dropout."""
+    current = node.args[0] if node.target is aten.matmul.default else None
+    while isinstance(current, Node) and current.target in PROBABILITY_OPS:
+        current = current.args[0]
+    return current if isinstance(current, Node) and current.target in SOFTMAX_OPS else None
+
+
+def _new_mask(emit: Emit, call: AttentionCall, tokens: int, window: int | None) -> Node | None:
+    """The mask over the prefix positions and the keys (None where there is none, and no causal flag)."""
+    q, k, mask = call.query, call.key, call.mask
+    if mask is not None:
+        seen = _in_window(emit, q, k, tokens, window) if window is not None else None
+        return _extend_mask(emit, mask, tokens, seen)
+    if window is not None:
+        raise PassError(f"attention {call.node.name} has a sliding window but no mask to extend")
+    if not call.causal:
+        return None
+    # is_causal is top-left aligned: query i sees keys 0..i; the prefix columns are seen by all
+    tq, tk = emit(aten.sym_size.int, q, 2), emit(aten.sym_size.int, k, 2)
+    tri = emit(aten.tril.default, emit(aten.new_ones.default, q, [tq, tk], dtype=torch.bool))
+    seen = emit(aten.new_ones.default, q, [tq, tokens], dtype=torch.bool)
+    return emit(aten.cat.default, [seen, tri], 1)
+
+
+def _rewire_sdpa(sdpa: Node, new_k: Node, new_v: Node, new_mask: Node | None) -> None:
+    a = sdpa_args(sdpa)
     kwargs = {"scale": a["scale"]} if a["scale"] is not None else {}
     if a["enable_gqa"]:
         kwargs["enable_gqa"] = True
-    sdpa.args = (q, new_k, new_v, new_mask, a["dropout_p"], False)
+    sdpa.args = (a["query"], new_k, new_v, new_mask, a["dropout_p"], False)
     sdpa.kwargs = kwargs
 
 
@@ -143,20 +186,31 @@ def _in_window(emit: Emit, q: Node, k: Node, tokens: int, window: int) -> Node:
     return emit(aten.lt.Scalar, since, window - tokens)
 
 
-def attention_sites(ctx: CompileContext) -> list[AttentionSite]:
-    """Every SDPA call in graph order, with the key heads it receives and those its k projection makes."""
-    gm, sites = ctx.gm, ctx.sites
-    found = []
+def attention_calls(gm) -> list[AttentionCall]:
+    """Every attention of the graph in order: SDPA calls, and softmax attention spelt out in aten ops."""
+    calls = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in ATTENTION_OPS:
+        if node.op != "call_function":
             continue
-        k = sdpa_args(node)["key"]
+        if node.target in ATTENTION_OPS:
+            calls.append(attention_call(node))
+        elif node.target in SOFTMAX_OPS and (call := explicit_attention(node)) is not None:
+            calls.append(call)
+    return calls
+
+
+def attention_sites(ctx: CompileContext) -> list[AttentionSite]:
+    """Every attention in graph order (:func:`attention_calls`), with the key heads it receives and those
+    its k projection makes."""
+    found = []
+    for call in attention_calls(ctx.gm):
+        node, k = call.node, call.key
         val = k.meta.get("val") if isinstance(k, Node) else None
         if val is None or val.dim() != 4:
             raise PassError(f"cannot read the key shape of attention {node.name}")
         heads, head_dim = int(val.shape[1]), int(val.shape[3])
         path = module_path(node) or node.name
-        kv_features = _key_features(k, sites)
+        kv_features = _key_features(k, ctx.sites)
         kv_heads = heads
         if kv_features and kv_features % head_dim == 0 and heads % (kv_features // head_dim) == 0:
             kv_heads = kv_features // head_dim

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc.graph.analysis import ATTENTION_OPS
-from peftc.methods.prefix.attention import Emit
+from peftc.methods.prefix.attention import Emit, attention_calls
 
 aten = torch.ops.aten
 ARANGE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
@@ -16,18 +15,16 @@ INT_DTYPES = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
 
 def _value_path(gm: GraphModule) -> set[Node]:
     """Nodes that reach some attention's query, key or value (not only its mask)."""
+    inputs = {call.node: [call.query, call.key, call.value] for call in attention_calls(gm)}
     out: set[Node] = set()
-    frontier = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in ATTENTION_OPS:
-            frontier += [a for a in node.args[:3] if isinstance(a, Node)]
+    frontier = [a for qkv in inputs.values() for a in qkv if isinstance(a, Node)]
     while frontier:
         node = frontier.pop()
         if node in out:
             continue
         out.add(node)
-        if node.op == "call_function" and node.target in ATTENTION_OPS:
-            frontier += [a for a in node.args[:3] if isinstance(a, Node)]
+        if node in inputs:
+            frontier += [a for a in inputs[node] if isinstance(a, Node)]
         else:
             frontier += node.all_input_nodes
     return out

@@ -6,7 +6,9 @@ Every selected ``scaled_dot_product_attention(q, k, v, mask)`` becomes
 ``repeat_kv`` when the keys reach SDPA already repeated) are concatenated along the sequence axis, and the
 mask gains P columns every query can see (bool, float and ``is_causal=True`` attention alike), or, in a
 sliding-window attention, only while they are inside the query's window, as the window drops cached
-tokens (:mod:`peftc.methods.prefix.window` finds which attentions slide, from their masks).
+tokens (:mod:`peftc.methods.prefix.window` finds which attentions slide, from their masks). Attention spelt
+out as ``matmul(softmax(f(q·kᵀ) + mask), v)`` (eager attention, :mod:`peftc.methods.prefix.explicit`) is
+rewritten the same way: the prefixes go into k and v, the columns into the added mask.
 
 HF PEFT feeds its prefix through the KV cache, so the real tokens sit at positions P..P+T-1. To give the
 same numbers the pass shifts the model's position ids by P: it finds the integer position tensors that
@@ -30,7 +32,9 @@ from peftc.compiler.record import Record
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
 from peftc.errors import PassError
 from peftc.lang.diagnostics import SpecError, check_allocation
-from peftc.methods.prefix.attention import AttentionSite, Emit, attention_sites, extend_attention
+from peftc.graph.capture import module_path
+from peftc.methods.prefix.attention import AttentionSite, Emit, attention_call, attention_sites, extend_attention
+from peftc.methods.prefix.explicit import SOFTMAX_OPS, explicit_attention, weighs_values
 from peftc.methods.prefix.positions import shift_positions
 from peftc.methods.prefix.window import attention_windows
 
@@ -154,7 +158,8 @@ class PrefixPass(Pass):
         sites = self._sites(ctx, statement)
         emit = Emit(ctx, statement, index, self.keyword)
         nodes = {n.name: n for n in ctx.gm.graph.nodes}
-        windows = attention_windows(ctx.gm, ctx.config, [nodes[s.node] for s in sites], ctx.value)
+        calls = {s.node: attention_call(nodes[s.node]) for s in sites}
+        windows = attention_windows(ctx.gm, ctx.config, list(calls.values()), ctx.value)
         records = [PrefixRecord(statement=index, site=s, module=f"peftc_prefix_{i}", tokens=tokens, index=i,
                                 window=windows.get(s.node)) for i, s in enumerate(sites)]
         for record in records:
@@ -167,18 +172,17 @@ class PrefixPass(Pass):
                                           hidden=hidden, sites=sites)
             ctx.add_module(encoder.module, PrefixEncoder(tokens, sites[0].token_dim, hidden, len(sites))
                            .to(ctx.dtypes(sites[0].node)[1]))
-            prefix_nodes = _emit_encoder(emit, encoder, records, nodes[sites[0].node])
+            prefix_nodes = _emit_encoder(emit, encoder, records, calls[sites[0].node].first)
         for record in records:
             s = record.site
-            sdpa = nodes[s.node]
             start = len(emit.nodes)
             if hidden is None:
-                with emit.graph.inserting_before(sdpa):
+                with emit.graph.inserting_before(calls[s.node].first):
                     pair = (emit.attr(f"{record.module}.key"), emit.attr(f"{record.module}.value"))
             else:
                 pair = prefix_nodes[record.module]
-            extend_attention(emit, sdpa, pair[0], pair[1], tokens, s.heads, s.kv_heads, ctx.dtypes(s.node)[1],
-                             record.window)
+            extend_attention(emit, nodes[s.node], pair[0], pair[1], tokens, s.heads, s.kv_heads,
+                             ctx.dtypes(s.node)[1], record.window)
             record.nodes = [n.name for n in emit.nodes[start:]]
         start = len(emit.nodes)
         shifted = shift_positions(emit, tokens)
@@ -201,14 +205,18 @@ class PrefixPass(Pass):
             first = ctx.spec.statements[earlier[0].statement]
             raise SpecError.at(statement.span, f"a spec takes one prefix statement; line {first.span.line} "
                                "already has one (use layers= on it to choose attentions)", ctx.spec.source)
-        explicit = [n for n in ctx.gm.graph.nodes if n.op == "call_function"
-                    and n.target in (aten.softmax.int, aten._softmax.default)]
+        unmatched = [n for n in ctx.gm.graph.nodes if n.op == "call_function" and n.target in SOFTMAX_OPS
+                     and weighs_values(n) and explicit_attention(n) is None]
+        if unmatched:
+            where = module_path(unmatched[0]) or unmatched[0].name
+            raise SpecError.at(statement.span, f"prefix cannot rewrite the attention at {where}: it is not "
+                               "softmax(f(q·kᵀ) + mask)·v with scores from matmul(q, kᵀ) (scores from ALiBi's "
+                               "baddbmm or with relative-position terms are not rewritten)", ctx.spec.source)
         sites = attention_sites(ctx)
         if not sites:
-            what = ("its attention is an explicit softmax(q·kᵀ)·v, which prefix does not rewrite yet"
-                    if explicit and ctx.sites.attention_count else "it has no attention")
-            raise SpecError.at(statement.span, f"prefix needs scaled_dot_product_attention calls in the "
-                               f"model, and {what}; the model has {ctx.sites.summary()}", ctx.spec.source)
+            raise SpecError.at(statement.span, "prefix needs scaled_dot_product_attention calls (or a spelt-out "
+                               "softmax(q·kᵀ)·v) in the model, and it has no attention; the model has "
+                               f"{ctx.sites.summary()}", ctx.spec.source)
         if layers is not None:
             sites = [s for s in sites if s.layer is not None and layers.contains(s.layer)]
             if not sites:

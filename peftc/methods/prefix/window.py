@@ -22,20 +22,19 @@ from torch.fx import Graph, GraphModule, Node
 
 from peftc.errors import PassError
 from peftc.graph.capture import max_positions
-from peftc.methods.prefix.attention import sdpa_args
+from peftc.methods.prefix.explicit import AttentionCall
 
 
-def attention_windows(gm: GraphModule, config, sdpas: list[Node], value=None) -> dict[str, int]:
-    """SDPA node name -> its sliding window W, for those of ``sdpas`` whose mask slides (see the module doc).
-    ``value(target)`` reads a graph tensor with its values (a streamed model's from its checkpoint)."""
+def attention_windows(gm: GraphModule, config, calls: list[AttentionCall], value=None) -> dict[str, int]:
+    """Attention node name -> its sliding window W, for those of ``calls`` whose mask slides (see the module
+    doc). ``value(target)`` reads a graph tensor with its values (a streamed model's from its checkpoint)."""
     window = getattr(config, "sliding_window", None)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window >= max_positions(config):
         return {}
     by_mask: dict[Node, list[str]] = {}
-    for sdpa in sdpas:
-        mask = sdpa_args(sdpa)["attn_mask"]
-        if isinstance(mask, Node):
-            by_mask.setdefault(mask, []).append(sdpa.name)
+    for call in calls:
+        if isinstance(call.mask, Node):
+            by_mask.setdefault(call.mask, []).append(call.node.name)
     if not by_mask:
         return {}
     length = window + 2
