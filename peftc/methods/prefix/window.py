@@ -15,8 +15,6 @@ long a sequence must be for a window to show (``sliding_window``); a window no s
 maximum length never drops a prefix position, so it is not looked for."""
 from __future__ import annotations
 
-from operator import attrgetter
-
 import torch
 from torch.fx import Graph, GraphModule, Node
 
@@ -25,7 +23,7 @@ from peftc.graph.capture import max_positions
 from peftc.methods.prefix.explicit import AttentionCall
 
 
-def attention_windows(gm: GraphModule, config, calls: list[AttentionCall], value=None) -> dict[str, int]:
+def attention_windows(gm: GraphModule, config, calls: list[AttentionCall], value) -> dict[str, int]:
     """Attention node name -> its sliding window W, for those of ``calls`` whose mask slides (see the module
     doc). ``value(target)`` reads a graph tensor with its values (a streamed model's from its checkpoint)."""
     window = getattr(config, "sliding_window", None)
@@ -38,7 +36,7 @@ def attention_windows(gm: GraphModule, config, calls: list[AttentionCall], value
     if not by_mask:
         return {}
     length = window + 2
-    values = _run_masks(gm, list(by_mask), length, value or (lambda target: attrgetter(target)(gm)))
+    values = _run_masks(gm, list(by_mask), length, value)
     out = {}
     for (mask, names), probed in zip(by_mask.items(), values):
         found = _window_of(probed, length, names[0])
