@@ -34,16 +34,13 @@ from peftc.models import resolve
 MODEL_FILE = "model.onnx"
 #: what the directory was exported from: {"model": reference, "target": ...}; generate/eval read the tokenizer
 ORIGIN_FILE = "peftc.json"
-#: the ONNX Runtime decoder must give the torch model's logits within this fraction of the largest logit
-#: at every step. The file runs the same float32 graph; the differences are kernels summing in another
-#: order (S=1 matmuls against whole-sequence ones). On SmolLM2-135M they stay under 2e-6 of the largest
-#: logit; 2e-5 (the whole-sequence export's tolerance) leaves a margin of ten, while a wrong position or a
-#: cache entry out of place moves logits by 1e-2 of the largest or more.
-RELATIVE_TOLERANCE = 2e-5
-#: re-quantized targets run ONNX Runtime's MatMulNBits/MatMulBnb4, which dequantize block by block and sum
-#: in their own order: SmolLM2-135M's int4 decoder measured 1.8e-5 of the largest logit; 1e-4 leaves a
-#: margin of five, still well under the 1e-2 of a misplaced cache entry
-QUANTIZED_TOLERANCE = 1e-4
+#: the ONNX Runtime decoder must give the torch model's logits within this fraction of the largest logit at
+#: every step. It runs the same float32 graph, but a cached step sums in another order than the whole
+#: sequence (S=1 matmuls, attention over the cache): merged LoRA on SmolLM2-135M measured 1.8e-6, its int4
+#: decoder 1.8e-5, and a random N(0, 1) prefix of 16 positions on SmolLM2 (attention far from any trained
+#: model's) 4.1e-5 against ONNX Runtime and 1.7e-5 between torch's own cached and uncached runs. 2e-4 leaves
+#: a margin of five over the worst; a misplaced cache entry or position moves logits by 1e-2 of the largest.
+RELATIVE_TOLERANCE = 2e-4
 VERIFY_NEW_TOKENS = 8
 
 
@@ -308,9 +305,7 @@ def export_genai(merged, path: str | Path, target: str = "fp32", *, block: int |
         seconds["save"] = time.perf_counter() - start
         start = time.perf_counter()
         try:
-            tolerance = QUANTIZED_TOLERANCE if target in ("nf4", "int4") else RELATIVE_TOLERANCE
-            worst, checked = verify_decoder(OnnxStep(tmp / MODEL_FILE), model, decoder, hf_model=hf_model,
-                                            tolerance=tolerance)
+            worst, checked = verify_decoder(OnnxStep(tmp / MODEL_FILE), model, decoder, hf_model=hf_model)
         except ExportError as exc:
             raise ExportError(f"{path}: {exc}; nothing was written") from exc
         seconds["verify"] = time.perf_counter() - start
