@@ -1,8 +1,8 @@
 """``prefix`` on attention spelt out in aten ops (transformers' eager attention: Gemma2's default, any model
-with ``attn_implementation="eager"``): ``matmul(softmax(f(q·kᵀ) + mask), v)`` gets the prefixes in k and v
-and the columns in the mask, as an SDPA call does. Checked against HF PEFT through peftc's own files;
-attentions of another form (Bloom's ALiBi ``baddbmm``, DeBERTa-v2's relative-position scores) are refused
-with the attention named."""
+with ``attn_implementation="eager"``, Bloom's with ALiBi): ``matmul(softmax(f(q·kᵀ) + mask), v)`` gets the
+prefixes in k and v and the columns in the mask (and in ALiBi's bias), as an SDPA call does. Checked
+against HF PEFT through peftc's own files; attention of another form (DeBERTa-v2's relative-position
+scores) is refused with the attention named."""
 import pytest
 import torch
 import transformers as T
@@ -43,14 +43,16 @@ def logits(model, ids, mask):
 
 
 @pytest.mark.parametrize("kind, windows", [("gemma2", [4, None]), ("llama", [None, None]),
-                                           ("gpt2", [None, None])])
+                                           ("gpt2", [None, None]), ("bloom", [None, None])])
 def test_eager_attention_prefix_equals_hf_peft_through_its_files(kind, windows, tmp_path):
     """P = 3, T = 9 with a left-padded row: past Gemma2's window in its sliding layer; LLaMA's rotary and
-    GPT-2's learned positions shifted by P, as for SDPA."""
+    GPT-2's learned positions shifted by P, as for SDPA; Bloom has no position ids, its ALiBi bias gains
+    the prefix columns (left at 0 they are off from HF PEFT by 4.3e-3 of the largest logit, 140 times the
+    bound below)."""
     model = peftc.compile(build(kind), "prefix tokens=3")
-    assert all(r.site.node.startswith("matmul") for r in model.records)     # the spelt-out attentions
+    assert all(r.site.node.startswith(("matmul", "bmm")) for r in model.records)  # the spelt-out attentions
     assert [r.window for r in model.records] == windows
-    assert model.records[0].shifted
+    assert bool(model.records[0].shifted) == (kind != "bloom")
     randomize_adapters(model, scale=1.0)
     model.save_hf_peft(tmp_path)
     ids = token_ids(2, 9)
@@ -60,7 +62,7 @@ def test_eager_attention_prefix_equals_hf_peft_through_its_files(kind, windows, 
         ours = model(ids, mask)
     assert_differs(ours, logits(build(kind), ids, mask), rel=1e-2, why="live adapters")
     # SAME_FUNCTION (3e-5 of the largest logit): HF PEFT's cache and modules sum in another order, while the
-    # prefixes themselves move these logits by 0.75-1.8 of their largest (the assert_differs above)
+    # prefixes themselves move these logits by 0.055-1.8 of their largest (the assert_differs above)
     assert_close(ours, logits(PeftModel.from_pretrained(build(kind), str(tmp_path)).eval(), ids, mask),
                  rel=SAME_FUNCTION, why="HF PEFT's cache and modules sum in another order")
 
@@ -80,11 +82,11 @@ def test_project_trains_and_merges_on_eager_attention():
                      why="the folded MLP's output is the prefix the graph computed, summed in another order")
 
 
-@pytest.mark.parametrize("kind, where", [("bloom", "transformer.h.0.self_attention"),
-                                         ("deberta-v2", "encoder.layer.0.attention.self")])
-def test_other_softmax_attention_is_refused_naming_it(kind, where):
-    with pytest.raises(peftc.SpecError, match=f"prefix cannot rewrite the attention at {where}:") as err:
-        peftc.compile(build(kind), "prefix tokens=3")
+def test_relative_position_attention_is_refused_naming_it():
+    """DeBERTa-v2 adds scores computed from q and k with relative positions: no prefix position has one."""
+    with pytest.raises(peftc.SpecError, match="prefix cannot rewrite the attention at "
+                                              "encoder.layer.0.attention.self:") as err:
+        peftc.compile(build("deberta-v2"), "prefix tokens=3")
     assert (err.value.line, err.value.column) == (1, 1)
 
 

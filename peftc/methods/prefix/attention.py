@@ -13,7 +13,7 @@ from peftc.compiler.passmanager import CompileContext
 from peftc.errors import PassError
 from peftc.graph.analysis import ATTENTION_OPS, layer_of
 from peftc.graph.capture import module_path
-from peftc.methods.prefix.explicit import (PROBABILITY_OPS, SOFTMAX_OPS, AttentionCall,
+from peftc.methods.prefix.explicit import (PROBABILITY_OPS, RESHAPE_OPS, SOFTMAX_OPS, AttentionCall,
                                            explicit_attention)
 
 aten = torch.ops.aten
@@ -48,6 +48,10 @@ class Emit:
         node = self.graph.call_function(target, args, kwargs)
         return self._keep(node)
 
+    def copy(self, node: Node, arg_transform) -> Node:
+        """A copy of ``node`` with its inputs mapped by ``arg_transform``."""
+        return self._keep(self.graph.node_copy(node, arg_transform))
+
     def attr(self, target: str) -> Node:
         return self._keep(self.graph.get_attr(target))
 
@@ -80,9 +84,10 @@ def extend_attention(emit: Emit, attention: Node, key_prefix: Node, value_prefix
     call = attention_call(attention)
     gqa = call.scores is None and sdpa_args(attention)["enable_gqa"]
     k_val = call.key.meta.get("val")
-    expanded = []
-    for prefix, at in ((key_prefix, call.first), (value_prefix, call.node)):
-        with emit.graph.inserting_before(at):
+    readers = (call.key_reader or call.node, call.value_reader or call.node)
+    new = []
+    for prefix, real, reader in zip((key_prefix, value_prefix), (call.key, call.value), readers):
+        with emit.graph.inserting_before(reader):
             if heads != kv_heads and not gqa:
                 rep = heads // kv_heads
                 prefix = emit(aten.unsqueeze.default, prefix, 1)
@@ -91,22 +96,20 @@ def extend_attention(emit: Emit, attention: Node, key_prefix: Node, value_prefix
             if k_val is not None and k_val.dtype != dtype:
                 prefix = emit(aten._to_copy.default, prefix, dtype=k_val.dtype)
             prefix = emit(aten.unsqueeze.default, prefix, 0)
-            batch = emit(aten.sym_size.int, call.key, 0)
-            expanded.append(emit(aten.expand.default, prefix, [batch, -1, -1, -1]))
-    with emit.graph.inserting_before(call.first):
-        new_k = emit(aten.cat.default, [expanded[0], call.key], 2)
+            batch = emit(aten.sym_size.int, real, 0)
+            new.append(emit(aten.cat.default, [emit(aten.expand.default, prefix, [batch, -1, -1, -1]), real], 2))
+    with emit.graph.inserting_before(call.mask_add or call.node):
         new_mask = _new_mask(emit, call, tokens, window)
-    with emit.graph.inserting_before(call.node):
-        new_v = emit(aten.cat.default, [expanded[1], call.value], 2)
     if call.scores is None:
-        _rewire_sdpa(call.node, new_k, new_v, new_mask)
-    else:
+        _rewire_sdpa(call.node, new[0], new[1], new_mask)
+        return
+    readers[0].replace_input_with(call.key, new[0])
+    readers[1].replace_input_with(call.value, new[1])
+    if call.mask_add is not None:
+        call.mask_add.replace_input_with(call.mask, new_mask)
+    if call.bias is not None:
         with emit.graph.inserting_before(call.scores):
-            transposed = emit(aten.transpose.int, new_k, -2, -1)
-        call.scores.args = (call.scores.args[0], transposed)
-        call.node.args = (call.node.args[0], new_v)
-        if call.mask_add is not None:
-            call.mask_add.replace_input_with(call.mask, new_mask)
+            call.scores.replace_input_with(call.bias, _extend_bias(emit, call.bias, tokens))
 
 
 def attention_call(node: Node) -> AttentionCall:
@@ -122,9 +125,10 @@ def attention_call(node: Node) -> AttentionCall:
 
 
 def _probabilities_softmax(node: Node) -> Node | None:
-    """The softmax whose probabilities ``matmul(probabilities, v)`` reads, through casts and dropout."""
-    current = node.args[0] if node.target is aten.matmul.default else None
-    while isinstance(current, Node) and current.target in PROBABILITY_OPS:
+    """The softmax whose probabilities ``matmul(probabilities, v)`` (or ``bmm``) reads, through casts,
+    dropout and reshapes."""
+    current = node.args[0] if node.target in (aten.matmul.default, aten.bmm.default) else None
+    while isinstance(current, Node) and current.target in PROBABILITY_OPS | RESHAPE_OPS:
         current = current.args[0]
     return current if isinstance(current, Node) and current.target in SOFTMAX_OPS else None
 
@@ -172,6 +176,34 @@ def _extend_mask(emit: Emit, mask: Node, tokens: int, seen: Node | None = None) 
         hidden = emit(aten.full_like.default, first, torch.finfo(val.dtype).min)
         cols = emit(aten.where.self, seen, fill, hidden)
     return emit(aten.cat.default, [cols, mask], ndim - 1)
+
+
+def _extend_bias(emit: Emit, bias: Node, tokens: int) -> Node:
+    """[prefix columns, bias] for a per-key score bias computed from the attention-mask input (Bloom's
+    ALiBi). HF PEFT's prefix lengthens that mask by P ones, so the prefix keys take positions 0..P-1 and
+    the real ones P more than the graph gives them: every bias of a row then moves by the same amount,
+    which the softmax ignores. So the bias subgraph is run again on ``ones(batch, P + 1)`` and the prefix
+    columns are its first P less its last: the prefix positions' bias counted from the first real key."""
+    needed, frontier = set(), [bias]
+    while frontier:
+        node = frontier.pop()
+        if node not in needed:
+            needed.add(node)
+            frontier.extend(node.all_input_nodes)
+    sources = [n for n in needed if n.op == "placeholder"]
+    if len(sources) != 1:
+        raise PassError(f"cannot extend the attention bias {bias.name}: it reads {len(sources)} inputs, not "
+                        "only the attention mask")
+    ones = emit(aten.new_ones.default, sources[0], [emit(aten.sym_size.int, sources[0], 0), tokens + 1])
+    env = {sources[0]: ones}
+    for node in list(emit.graph.nodes):
+        if node in needed and node not in env and any(a in env for a in node.all_input_nodes):
+            env[node] = emit.copy(node, lambda n: env.get(n, n))
+        if node is bias:
+            break
+    tail = emit(aten.slice.Tensor, env[bias], -1, tokens, tokens + 1)
+    cols = emit(aten.sub.Tensor, emit(aten.slice.Tensor, env[bias], -1, 0, tokens), tail)
+    return emit(aten.cat.default, [cols, bias], -1)
 
 
 def _in_window(emit: Emit, q: Node, k: Node, tokens: int, window: int) -> Node:

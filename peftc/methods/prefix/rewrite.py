@@ -7,8 +7,9 @@ Every selected ``scaled_dot_product_attention(q, k, v, mask)`` becomes
 mask gains P columns every query can see (bool, float and ``is_causal=True`` attention alike), or, in a
 sliding-window attention, only while they are inside the query's window, as the window drops cached
 tokens (:mod:`peftc.methods.prefix.window` finds which attentions slide, from their masks). Attention spelt
-out as ``matmul(softmax(f(q·kᵀ) + mask), v)`` (eager attention, :mod:`peftc.methods.prefix.explicit`) is
-rewritten the same way: the prefixes go into k and v, the columns into the added mask.
+out as ``matmul(softmax(f(q·kᵀ) + mask), v)`` (eager attention, Bloom's with ALiBi;
+:mod:`peftc.methods.prefix.explicit`) is rewritten the same way: the prefixes go into k and v, the columns
+into the added mask (and into ALiBi's bias, counted from the first real key).
 
 HF PEFT feeds its prefix through the KV cache, so the real tokens sit at positions P..P+T-1. To give the
 same numbers the pass shifts the model's position ids by P: it finds the integer position tensors that
@@ -210,8 +211,8 @@ class PrefixPass(Pass):
         if unmatched:
             where = module_path(unmatched[0]) or unmatched[0].name
             raise SpecError.at(statement.span, f"prefix cannot rewrite the attention at {where}: it is not "
-                               "softmax(f(q·kᵀ) + mask)·v with scores from matmul(q, kᵀ) (scores from ALiBi's "
-                               "baddbmm or with relative-position terms are not rewritten)", ctx.spec.source)
+                               "softmax(f(q·kᵀ) + mask)·v with scores from q·kᵀ alone (scores with "
+                               "relative-position terms from q or k are not rewritten)", ctx.spec.source)
         sites = attention_sites(ctx)
         if not sites:
             raise SpecError.at(statement.span, "prefix needs scaled_dot_product_attention calls (or a spelt-out "
