@@ -49,8 +49,12 @@ class Emit:
         return self._keep(node)
 
     def copy(self, node: Node, arg_transform) -> Node:
-        """A copy of ``node`` with its inputs mapped by ``arg_transform``."""
-        return self._keep(self.graph.node_copy(node, arg_transform))
+        """A copy of ``node`` with its inputs mapped by ``arg_transform`` (and no recorded value: its shape
+        is the copy's own)."""
+        copied = self.graph.node_copy(node, arg_transform)
+        copied.meta.pop("val", None)
+        copied.meta.pop("tensor_meta", None)
+        return self._keep(copied)
 
     def attr(self, target: str) -> Node:
         return self._keep(self.graph.get_attr(target))
