@@ -11,10 +11,12 @@ onnxruntime-genai sessions), batch 1, greedy, in alternating rounds (the median 
 - peftc --genai in onnxruntime-genai (``og.Generator``) and in plain ONNX Runtime (peftc's decode loop);
 - the builder's model in onnxruntime-genai;
 - transformers ``generate()`` on the merged checkpoint (fp32 only);
-- peftc's compiled graph re-run on the whole sequence (``peftc generate --recompute``; short runs only).
+- peftc's compiled graph re-run on the whole sequence (``peftc generate --recompute``; short runs only);
+- peftc --genai of ``prefix tokens=16`` (the prefix stays in the graph as a constant past) in onnxruntime-genai.
 
 Every decoder is made to produce exactly the number of new tokens asked (eos is not allowed to end a run
-early). First-token latency is the time until the first new token exists (the prompt's prefill included);
+early: onnxruntime-genai's ``min_length``, ``generate()``'s ``min_new_tokens``, and the eos logit masked in
+peftc's own loops). First-token latency is the time until the first new token exists (the prompt's prefill included);
 tokens/s is the decoding rate after it. The int4 agreement counts the dates task's test prompts
 (``samples/dates/test.jsonl``) on which the int4 model's greedy tokens equal its fp32 model's."""
 from __future__ import annotations
@@ -39,6 +41,8 @@ from peftc.export.genai import OnnxStep  # noqa: E402
 from peftc.training.data import load_codec, read_jsonl  # noqa: E402
 
 CONFIGS = [(32, 64), (32, 256), (512, 64), (512, 256)]
+#: a prefix stays a graph op: its deployed decoder against the merged LoRA's
+PREFIX_SPEC = "prefix tokens=16\n"
 RECOMPUTE_CONFIGS = {(32, 64)}
 ROUNDS = 3
 AGREEMENT_PROMPTS = 40
@@ -61,6 +65,10 @@ def prepare(work: Path) -> dict:
     merged = peftc.compile("smollm2-135m", spec, seed=0).merge()
     paths = {"hf": work / "hf"}
     peftc.export_hf(merged, paths["hf"])
+    prefixed = peftc.compile("smollm2-135m", PREFIX_SPEC, seed=0).merge()
+    paths["peftc-prefix"] = work / "peftc-prefix"
+    print(peftc.export_genai(prefixed, paths["peftc-prefix"]), flush=True)
+    single_thread(paths["peftc-prefix"])
     for target in ("fp32", "int4"):
         paths[f"peftc-{target}"] = work / f"peftc-{target}"
         print(peftc.export_genai(merged, paths[f"peftc-{target}"], target), flush=True)
@@ -96,8 +104,8 @@ class Genai:
 
 
 class Ort:
-    def __init__(self, path: Path):
-        self.step = OnnxStep(path, threads=1)
+    def __init__(self, path: Path, eos: int):
+        self.step, self.eos = OnnxStep(path, threads=1), eos
 
     def run(self, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
         start = time.perf_counter()
@@ -106,7 +114,9 @@ class Ort:
         past, tokens, first = self.step.empty(1), [], None
         while len(tokens) < new:
             logits, past = self.step(ids, mask, past)
-            token = int(logits[0, -1].argmax())
+            last = logits[0, -1]
+            last[self.eos] = -np.inf                  # as min_length does in onnxruntime-genai
+            token = int(last.argmax())
             tokens.append(token)
             first = first or time.perf_counter() - start
             ids = np.array([[token]], np.int64)
@@ -139,15 +149,17 @@ class Transformers:
 
 
 class Recompute:
-    def __init__(self, merged):
-        self.model = merged.eval()
+    def __init__(self, merged, eos: int):
+        self.model, self.eos = merged.eval(), eos
 
     def run(self, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
         start = time.perf_counter()
         ids, tokens, first = torch.tensor([prompt]), [], None
         with torch.no_grad():
             while len(tokens) < new:
-                token = int(self.model(ids)[0, -1].argmax())
+                last = self.model(ids)[0, -1]
+                last[self.eos] = -torch.inf           # as min_new_tokens does in generate()
+                token = int(last.argmax())
                 tokens.append(token)
                 first = first or time.perf_counter() - start
                 ids = torch.cat([ids, torch.tensor([[token]])], 1)
@@ -175,8 +187,9 @@ def measure(decoders: dict, configs, rounds: int, codec) -> list[dict]:
             rows.append({"decoder": name, "prompt": prompt_len, "new": new,
                          "first_token_s": statistics.median(v[0] for v in values),
                          "tokens_per_s": statistics.median(v[1] for v in values),
-                         "same_tokens_as_transformers": tokens[name] == tokens.get("transformers generate() fp32")
-                         if "transformers generate() fp32" in tokens else None})
+                         # only the decoders of the same merged fp32 weights can give generate()'s tokens
+                         "same_tokens_as_transformers": tokens[name] == tokens["transformers generate() fp32"]
+                         if "fp32" in name and "prefix" not in name else None})
             print(rows[-1], flush=True)
     return rows
 
@@ -218,14 +231,15 @@ def report(rows, agree, out: Path, seconds: float) -> str:
         lines.append(f"| {r['prompt']} | {r['new']} | {r['decoder']} | {r['tokens_per_s']:.1f} | "
                      f"{1000 * r['first_token_s']:.1f} | {same} |")
     lines += ["", "## Goals", "", "| prompt | new | fp32 tokens/s ÷ builder | ÷ transformers | first token ÷ builder | "
-              "int4 tokens/s ÷ builder int4 |", "|---|---|---|---|---|---|"]
+              "int4 tokens/s ÷ builder int4 | prefix tokens/s ÷ merged LoRA |", "|---|---|---|---|---|---|---|"]
     ours, theirs = "peftc --genai fp32 (onnxruntime-genai)", "builder fp32 (onnxruntime-genai)"
     for config in CONFIGS:
         values = [ratio(rows, config, ours, theirs, "tokens_per_s"),
                   ratio(rows, config, ours, "transformers generate() fp32", "tokens_per_s"),
                   ratio(rows, config, ours, theirs, "first_token_s"),
                   ratio(rows, config, "peftc --genai int4 (onnxruntime-genai)", "builder int4 (onnxruntime-genai)",
-                        "tokens_per_s")]
+                        "tokens_per_s"),
+                  ratio(rows, config, "peftc --genai prefix tokens=16 fp32 (onnxruntime-genai)", ours, "tokens_per_s")]
         if all(v is None for v in values):
             continue
         lines.append(f"| {config[0]} | {config[1]} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in values)
@@ -250,10 +264,12 @@ def main() -> None:
     decoders = {}
     for target in ("fp32", "int4"):
         decoders[f"peftc --genai {target} (onnxruntime-genai)"] = (Genai(paths[f"peftc-{target}"]), None)
-        decoders[f"peftc --genai {target} (onnxruntime)"] = (Ort(paths[f"peftc-{target}"] / "model.onnx"), None)
+        decoders[f"peftc --genai {target} (onnxruntime)"] = (Ort(paths[f"peftc-{target}"] / "model.onnx", codec.eos_id),
+                                                              None)
         decoders[f"builder {target} (onnxruntime-genai)"] = (Genai(paths[f"builder-{target}"]), None)
+    decoders["peftc --genai prefix tokens=16 fp32 (onnxruntime-genai)"] = (Genai(paths["peftc-prefix"]), None)
     decoders["transformers generate() fp32"] = (Transformers(paths["hf"]), None)
-    decoders["peftc generate --recompute fp32"] = (Recompute(made["merged"]), RECOMPUTE_CONFIGS)
+    decoders["peftc generate --recompute fp32"] = (Recompute(made["merged"], codec.eos_id), RECOMPUTE_CONFIGS)
     if args.quick:
         for row in measure(decoders, [(32, 16)], 1, codec):
             pass

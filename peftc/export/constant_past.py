@@ -9,6 +9,7 @@ prefix pass inserts its own (:func:`peftc.methods.prefix.attention.extend_attent
 shifted by P). The decoder then never re-runs the prompt, and a step costs what it costs without one."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +20,10 @@ from torch.fx.node import map_arg
 from peftc.errors import ExportError
 from peftc.graph.analysis import ATTENTION_OPS
 from peftc.graph.capture import copy_graph_module
-from peftc.methods.prefix.attention import Emit, extend_attention, sdpa_args
+from peftc.methods.prefix.attention import Emit, attention_call, extend_attention, sdpa_args
 from peftc.methods.prefix.positions import shift_positions
 from peftc.methods.prefix.rewrite import PrefixWeights
+from peftc.methods.prefix.window import attention_windows
 
 aten = torch.ops.aten
 
@@ -56,8 +58,17 @@ class _Keys(Interpreter):
         return super().run_node(n)
 
 
-def prompt_as_past(model) -> tuple[GraphModule, dict[str, ConstantPrefix]]:
-    """(a copy of ``model``'s graph with its soft prompt as constant prefixes, {SDPA node: its prefix})."""
+def graph_windows(gm: GraphModule, config) -> dict[str, int]:
+    """{SDPA node: its sliding window} of ``gm``'s attentions (those whose mask slides)."""
+    sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+    return attention_windows(gm, config, [attention_call(n) for n in sdpas],
+                             lambda target: operator.attrgetter(target)(gm))
+
+
+def prompt_as_past(model) -> tuple[GraphModule, dict[str, ConstantPrefix], dict[str, int]]:
+    """(a copy of ``model``'s graph with its soft prompt as constant prefixes, {SDPA node: its prefix},
+    {SDPA node: its sliding window}). Under a window the prompt's positions drop out of it as a prefix's
+    do."""
     records = [r for r in model.records if r.method == "prompt"]
     if any(r.method == "prefix" for r in model.records):
         raise ExportError("a KV-cache decoder takes a soft prompt or a prefix, not both")
@@ -72,6 +83,7 @@ def prompt_as_past(model) -> tuple[GraphModule, dict[str, ConstantPrefix]]:
     sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
     if len(sdpas) != len(keys.found):
         raise ExportError("the soft prompt's keys and values do not match the model's attentions")
+    windows = graph_windows(gm, model.config)
     emit = Emit(_Context(gm), None, 0, "prompt")
     prefixes = {}
     for i, (sdpa, (key, value)) in enumerate(zip(sdpas, keys.found)):
@@ -85,7 +97,7 @@ def prompt_as_past(model) -> tuple[GraphModule, dict[str, ConstantPrefix]]:
             pair = emit.attr(f"{name}.key"), emit.attr(f"{name}.value")
         q, k = sdpa_args(sdpa)["query"], sdpa_args(sdpa)["key"]
         extend_attention(emit, sdpa, *pair, tokens, int(q.meta["val"].shape[1]), int(k.meta["val"].shape[1]),
-                         k.meta["val"].dtype)
+                         k.meta["val"].dtype, window=windows.get(sdpa.name))
         prefixes[sdpa.name] = ConstantPrefix([n.name for n in emit.nodes[start:]])
     start = len(emit.nodes)
     shift_positions(emit, tokens)
@@ -93,7 +105,7 @@ def prompt_as_past(model) -> tuple[GraphModule, dict[str, ConstantPrefix]]:
         prefix.nodes += [n.name for n in emit.nodes[start:]]
     gm.graph.lint()
     gm.recompile()
-    return gm, prefixes
+    return gm, prefixes, windows
 
 
 def _unprompt(gm: GraphModule, record) -> None:

@@ -11,7 +11,8 @@ into a decoder step ``(input_ids, attention_mask, past...) -> (logits, present..
   of the cache that is never returned. So does a soft prompt, whose keys and values are computed once
   (:mod:`peftc.export.constant_past`);
 - the model's mask is replaced by one over the T positions: key j is visible to new token i when the
-  attention mask keeps j, ``j <= P + i`` and, under a sliding window W, ``j > P + i - W``; a token always
+  attention mask keeps j, ``j <= P + i`` and, under a sliding window W, ``j > P + i - W`` (which attentions
+  slide, and W, are read off the masks the graph computes, as the prefix pass reads them); a token always
   sees itself, so a padded row computes finite values that no real token reads;
 - position ids become what ``transformers``' ``generate()`` gives: the count of kept positions before each
   token (``cumsum(attention_mask) - 1``), so cached and left-padded rows get their true positions. The
@@ -31,7 +32,7 @@ from torch.fx import Graph, GraphModule, Node
 from peftc.errors import ExportError
 from peftc.graph.analysis import ATTENTION_OPS
 from peftc.graph.capture import copy_graph_module, max_positions
-from peftc.export.constant_past import prompt_as_past
+from peftc.export.constant_past import graph_windows, prompt_as_past
 from peftc.methods.prefix.attention import sdpa_args
 from peftc.methods.prefix.positions import position_roots, _value_path
 
@@ -82,7 +83,7 @@ def cache_decoder(model) -> CacheDecoder:
     its weights; the rewrite is described in the module doc."""
     if getattr(model, "kind", None) != "causal-lm":
         raise ExportError(f"a KV-cache decoder needs a causal LM; this model is {getattr(model, 'kind', '?')}")
-    gm, prefixes = _graph_and_prefixes(model)
+    gm, prefixes, windows = _graph_and_prefixes(model)
     graph = gm.graph
     ids, mask = [n for n in graph.nodes if n.op == "placeholder"][:2]
     sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
@@ -102,7 +103,7 @@ def cache_decoder(model) -> CacheDecoder:
     presents, heads = [], []
     for i, sdpa in enumerate(sdpas):
         key, value, old_mask, consumer = _model_inputs(sdpa, prefixes.get(sdpa.name))
-        window = _window(model.config, i)
+        window = windows.get(sdpa.name)
         with graph.inserting_before(key.next):
             new_k = graph.call_function(aten.cat.default, ([pasts[2 * i], key], 2))
         with graph.inserting_before(value.next):
@@ -130,13 +131,19 @@ def cache_decoder(model) -> CacheDecoder:
     return CacheDecoder(gm, CacheLayout(heads, max_positions(model.config)), model.config)
 
 
-def _graph_and_prefixes(model) -> tuple[GraphModule, dict]:
-    """A copy of the model's graph, and {SDPA node: the prefix in front of its keys}: the prefix statement's,
-    or a soft prompt's keys and values as constants (:mod:`peftc.export.constant_past`)."""
+def _graph_and_prefixes(model) -> tuple[GraphModule, dict, dict[str, int]]:
+    """A copy of the model's graph; {SDPA node: the prefix in front of its keys}: the prefix statement's, or a
+    soft prompt's keys and values as constants (:mod:`peftc.export.constant_past`); and {SDPA node: its
+    sliding window}, read off the masks the graph computes as the prefix pass reads them
+    (:func:`peftc.methods.prefix.window.attention_windows`)."""
     records = list(getattr(model, "records", ()))
     if any(r.method == "prompt" for r in records):
         return prompt_as_past(model)
-    return copy_graph_module(model.graph_module), {r.site.node: r for r in records if r.method == "prefix"}
+    prefixes = {r.site.node: r for r in records if r.method == "prefix"}
+    if prefixes:
+        return copy_graph_module(model.graph_module), prefixes, {n: r.window for n, r in prefixes.items() if r.window}
+    gm = copy_graph_module(model.graph_module)
+    return gm, {}, graph_windows(gm, model.config)
 
 
 def _first_compute(graph: Graph) -> Node:
@@ -265,17 +272,6 @@ class _PrefixConsumer:
     def replace_input_with(self, old: Node, new: Node) -> None:
         for node in self.nodes:
             node.replace_input_with(old, new)
-
-
-def _window(config, layer: int) -> int | None:
-    """The sliding window of attention ``layer``, if it has one."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if types is not None and layer < len(types):
-        return window if types[layer] == "sliding_attention" else None
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    return window
 
 
 def _visibility(graph: Graph, mask: Node, seq: Node, past_len: Node, window: int | None,
