@@ -18,7 +18,8 @@ Every decoder is made to produce exactly the number of new tokens asked (eos is 
 early: onnxruntime-genai's ``min_length``, ``generate()``'s ``min_new_tokens``, and the eos logit masked in
 peftc's own loops). First-token latency is the time until the first new token exists (the prompt's prefill included);
 tokens/s is the decoding rate after it. The int4 agreement counts the dates task's test prompts
-(``samples/dates/test.jsonl``) on which the int4 model's greedy tokens equal its fp32 model's."""
+(``samples/dates/test.jsonl``) on which each exporter's int4 model of the base SmolLM2 (no adapter: the
+random adapter makes every continuation a coin toss) greedy-decodes what its fp32 model does."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,14 @@ def prepare(work: Path) -> dict:
     merged = peftc.compile("smollm2-135m", spec, seed=0).merge()
     paths = {"hf": work / "hf"}
     peftc.export_hf(merged, paths["hf"])
+    base = peftc.compile("smollm2-135m", "", seed=0).merge()   # the int4 agreement's models: a random adapter
+    paths["base-hf"] = work / "base-hf"                     # makes every greedy continuation a coin toss
+    peftc.export_hf(base, paths["base-hf"])
+    for target in ("fp32", "int4"):
+        paths[f"base-peftc-{target}"] = work / f"base-peftc-{target}"
+        peftc.export_genai(base, paths[f"base-peftc-{target}"], target)
+        _build(paths["base-hf"], work / f"base-builder-{target}", target)
+        paths[f"base-builder-{target}"] = work / f"base-builder-{target}"
     prefixed = peftc.compile("smollm2-135m", PREFIX_SPEC, seed=0).merge()
     paths["peftc-prefix"] = work / "peftc-prefix"
     print(peftc.export_genai(prefixed, paths["peftc-prefix"]), flush=True)
@@ -73,14 +82,18 @@ def prepare(work: Path) -> dict:
         paths[f"peftc-{target}"] = work / f"peftc-{target}"
         print(peftc.export_genai(merged, paths[f"peftc-{target}"], target), flush=True)
         paths[f"builder-{target}"] = work / f"builder-{target}"
-        done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(paths["hf"]),
-                               "-o", str(paths[f"builder-{target}"]), "-p", target, "-e", "cpu"],
-                              capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"the builder failed on {target}: {done.stderr[-2000:]}")
+        _build(paths["hf"], paths[f"builder-{target}"], target)
         for name in (f"peftc-{target}", f"builder-{target}"):
             single_thread(paths[name])
     return {"paths": paths, "merged": merged}
+
+
+def _build(hf: Path, out: Path, precision: str) -> None:
+    """ONNX Runtime GenAI's model builder on a merged checkpoint."""
+    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                           "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the builder failed on {precision}: {done.stderr[-2000:]}")
 
 
 class Genai:
@@ -194,15 +207,15 @@ def measure(decoders: dict, configs, rounds: int, codec) -> list[dict]:
     return rows
 
 
-def agreement(decoders: dict, codec) -> dict:
-    """Dates test prompts on which each int4 model's greedy tokens equal its own fp32 model's."""
+def agreement(paths: dict, codec) -> dict:
+    """Dates test prompts on which each exporter's int4 model of the base SmolLM2 greedy-decodes what its fp32
+    model does."""
     records = [r for r in read_jsonl(ROOT / "samples/dates/test.jsonl")][:AGREEMENT_PROMPTS]
     prompts = [codec.encode_prompt(r.prompt, False) for r in records]
     out = {}
-    for kind in ("peftc --genai", "builder"):
-        fp32, int4 = decoders[f"{kind} fp32 (onnxruntime-genai)"][0], decoders[f"{kind} int4 (onnxruntime-genai)"][0]
-        same = sum(fp32.run(p, AGREEMENT_TOKENS)[2] == int4.run(p, AGREEMENT_TOKENS)[2] for p in prompts)
-        out[kind] = same
+    for kind in ("peftc", "builder"):
+        fp32, int4 = Genai(paths[f"base-{kind}-fp32"]), Genai(paths[f"base-{kind}-int4"])
+        out[kind] = sum(fp32.run(p, AGREEMENT_TOKENS)[2] == int4.run(p, AGREEMENT_TOKENS)[2] for p in prompts)
     out["prompts"] = len(prompts)
     return out
 
@@ -245,8 +258,9 @@ def report(rows, agree, out: Path, seconds: float) -> str:
         lines.append(f"| {config[0]} | {config[1]} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in values)
                      + " |")
     if agree:
-        lines += ["", f"int4 greedy tokens ({AGREEMENT_TOKENS}) equal to the same exporter's fp32 on "
-                      f"{agree['prompts']} dates test prompts: peftc {agree['peftc --genai']}, builder {agree['builder']}."]
+        lines += ["", f"Base SmolLM2 (no adapter), int4 greedy tokens ({AGREEMENT_TOKENS}) equal to the same exporter's "
+                      f"fp32 model's on {agree['prompts']} dates test prompts: peftc {agree['peftc']}, "
+                      f"builder {agree['builder']}."]
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
@@ -275,7 +289,7 @@ def main() -> None:
             pass
         return
     rows = measure(decoders, CONFIGS, ROUNDS, codec)
-    agree = agreement(decoders, codec)
+    agree = agreement(paths, codec)
     seconds = time.perf_counter() - start
     (ROOT / "bench" / "generate.json").write_text(json.dumps({"rows": rows, "agreement": agree}, indent=1))
     print(report(rows, agree, ROOT / "bench" / "GENERATE.md", seconds))
