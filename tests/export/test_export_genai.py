@@ -74,10 +74,11 @@ def test_decoder_steps_give_the_whole_sequence_logits():
 
 
 @pytest.mark.slow
-def test_genai_generates_what_transformers_generates(tmp_path):
+def test_genai_generates_what_transformers_generates(tmp_path, capsys):
     """The CLI writes OUT; onnxruntime-genai decodes each prompt as transformers' generate() does on the merged
     weights, and peftc's ONNX Runtime loop decodes a left-padded batch of them the same way. The file's inputs,
-    outputs and axes have the names genai_config.json gives them."""
+    outputs and axes have the names genai_config.json gives them, and ``peftc generate --onnx OUT``
+    (onnxruntime-genai, and plain ONNX Runtime) prints the text ``peftc generate RUN`` prints."""
     run = tmp_path / "run"
     (tmp_path / "lora.peft").write_text("lora q, v, down r=4\n")
     assert main(["compile", str(tmp_path / "lora.peft"), "--model", "tiny-llama", "--out", str(run)]) == 0
@@ -95,6 +96,15 @@ def test_genai_generates_what_transformers_generates(tmp_path):
     tokens, _ = decode(OnnxStep(out / "model.onnx"), ids, mask, 10, eos_id=2)
     assert tokens.tolist() == _generate(hf, ids, mask, 10, eos=2)
     _assert_named_as_genai_reads_them(out)
+    capsys.readouterr()
+    texts = {}
+    for name, args in {"torch": [str(run)], "genai": ["--onnx", str(out)],
+                       "ort": ["--onnx", str(out), "--runtime", "ort"]}.items():
+        assert main(["generate", *args, "--prompt", "hello", "--max-new-tokens", "6"]) == 0
+        captured = capsys.readouterr()
+        texts[name] = captured.out
+        assert "KV cache" in captured.err
+    assert texts["genai"] == texts["torch"] == texts["ort"]
 
 
 def _assert_named_as_genai_reads_them(out):
@@ -170,12 +180,10 @@ def test_every_target_decodes_in_genai(tmp_path, target, op):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["prefix tokens=4", "adapter bottleneck=8"])
-def test_methods_that_stay_graph_ops_decode_with_the_cache(tmp_path, spec):
-    """A prefix is a constant part of the cache (never returned: the presents hold the real tokens only); a
-    bottleneck adapter stays in every layer. Greedy decoding in onnxruntime-genai gives the tokens of the
+def test_a_bottleneck_adapter_decodes_with_the_cache(tmp_path):
+    """A bottleneck adapter stays in every layer: greedy decoding in onnxruntime-genai gives the tokens of the
     compiled model re-run on the whole sequence."""
-    compiled, merged = _merged(spec)
+    compiled, merged = _merged("adapter bottleneck=8")
     peftc.export_genai(merged, tmp_path / "out")
     prompt = PROMPTS[2]
     ids = torch.tensor([prompt])
@@ -183,9 +191,6 @@ def test_methods_that_stay_graph_ops_decode_with_the_cache(tmp_path, spec):
         for _ in range(8):
             ids = torch.cat([ids, compiled(ids)[:, -1:].argmax(-1)], 1)
     assert _genai_tokens(tmp_path / "out", prompt, 8) == ids[0, len(prompt):].tolist()
-    step = OnnxStep(tmp_path / "out" / "model.onnx")
-    _, present = step(np.array([prompt]), np.ones((1, 5), np.int64), step.empty(1))
-    assert present[0].shape[2] == len(prompt)
 
 
 def _tiny_mistral(window: int = 4):
@@ -197,12 +202,12 @@ def _tiny_mistral(window: int = 4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["prompt tokens=3", "prefix tokens=3"])
-def test_a_prompt_or_prefix_leaves_the_window_as_the_uncached_model_does(tmp_path, spec):
-    """Under Mistral's window of 4 a soft prompt's (and a prefix's) positions drop out of the window as the
-    sequence grows: the export's check decodes past the window (prompts of 3 to 11 tokens, 8 new) and compares
-    every step with the uncached model, so a constant past that stayed visible would be refused."""
-    compiled = peftc.compile(_tiny_mistral(), spec, seed=0)
+def test_a_prompt_leaves_the_window_as_the_uncached_model_does(tmp_path):
+    """Under Mistral's window of 4 a soft prompt's positions drop out of the window as the sequence grows (as a
+    prefix's do: tests/methods/test_prefix_window.py): the export's check decodes past the window (prompts of
+    3 to 11 tokens, 8 new) and compares every step with the uncached model, so a constant past that stayed
+    visible would be refused."""
+    compiled = peftc.compile(_tiny_mistral(), "prompt tokens=3", seed=0)
     randomize_adapters(compiled, seed=1, scale=1.0)
     result = peftc.export_genai(compiled.merge(), tmp_path / "out")
     assert result.max_rel_diff <= RELATIVE_TOLERANCE
@@ -247,6 +252,9 @@ def test_prompt_and_prefix_decode_what_hf_peft_generates(tmp_path, spec):
                 logits = theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
                 ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
         assert _genai_tokens(tmp_path / "out", prompt, 8) == ids[0, len(prompt):].tolist()
+    step = OnnxStep(tmp_path / "out" / "model.onnx")        # the constant past is never returned
+    _, present = step(np.array([prompt]), np.ones((1, len(prompt)), np.int64), step.empty(1))
+    assert present[0].shape[2] == len(prompt)
 
 
 @pytest.mark.slow
@@ -261,22 +269,3 @@ def test_an_encoder_is_refused_and_the_previous_directory_kept(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "causal" in err and "encoder" in err and "Traceback" not in err, err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-
-
-@pytest.mark.slow
-def test_generate_reads_the_directory_with_its_cache(tmp_path, capsys):
-    """``peftc generate --onnx OUT`` (onnxruntime-genai, and plain ONNX Runtime) prints the text
-    ``peftc generate RUN`` prints."""
-    run = tmp_path / "run"
-    (tmp_path / "lora.peft").write_text("lora q, v r=4 init=random\n")
-    assert main(["compile", str(tmp_path / "lora.peft"), "--model", "tiny-llama", "--out", str(run)]) == 0
-    assert main(["export", str(run), "--genai", str(tmp_path / "out")]) == 0
-    capsys.readouterr()
-    texts = {}
-    for name, args in {"torch": [str(run)], "genai": ["--onnx", str(tmp_path / "out")],
-                       "ort": ["--onnx", str(tmp_path / "out"), "--runtime", "ort"]}.items():
-        assert main(["generate", *args, "--prompt", "hello", "--max-new-tokens", "6"]) == 0
-        captured = capsys.readouterr()
-        texts[name] = captured.out
-        assert "KV cache" in captured.err
-    assert texts["genai"] == texts["torch"] == texts["ort"]

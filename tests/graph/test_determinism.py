@@ -36,7 +36,7 @@ def inspect_under(model: str, hash_seed: int) -> list[tuple]:
 @pytest.mark.parametrize("model", ["tiny-phi3", "moe"])
 def test_roles_are_the_same_under_every_hash_seed(model, tiny_moe):
     ref = str(tiny_moe) if model == "moe" else model
-    labels = [inspect_under(ref, seed) for seed in (0, 1, 2, 3)]
+    labels = [inspect_under(ref, seed) for seed in (0, 1, 2)]
     assert labels[0] and all(other == labels[0] for other in labels[1:])
     roles = dict((path, role) for path, role, _, _ in labels[0])
     if model == "moe":
