@@ -58,10 +58,14 @@ class _Keys(Interpreter):
         return super().run_node(n)
 
 
+def sdpa_nodes(graph: torch.fx.Graph) -> list[Node]:
+    """The graph's scaled_dot_product_attention calls, in order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+
+
 def graph_windows(gm: GraphModule, config) -> dict[str, int]:
     """{SDPA node: its sliding window} of ``gm``'s attentions (those whose mask slides)."""
-    sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
-    return attention_windows(gm, config, [attention_call(n) for n in sdpas],
+    return attention_windows(gm, config, [attention_call(n) for n in sdpa_nodes(gm.graph)],
                              lambda target: operator.attrgetter(target)(gm))
 
 
@@ -80,7 +84,7 @@ def prompt_as_past(model) -> tuple[GraphModule, dict[str, ConstantPrefix], dict[
         keys = _Keys(gm)
         keys.run(ids, torch.ones_like(ids))
     _unprompt(gm, record)
-    sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+    sdpas = sdpa_nodes(gm.graph)
     if len(sdpas) != len(keys.found):
         raise ExportError("the soft prompt's keys and values do not match the model's attentions")
     windows = graph_windows(gm, model.config)

@@ -30,11 +30,10 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from peftc.errors import ExportError
-from peftc.graph.analysis import ATTENTION_OPS
 from peftc.graph.capture import copy_graph_module, max_positions
-from peftc.export.constant_past import graph_windows, prompt_as_past
+from peftc.export.constant_past import graph_windows, prompt_as_past, sdpa_nodes
 from peftc.methods.prefix.attention import sdpa_args
-from peftc.methods.prefix.positions import position_roots, _value_path
+from peftc.methods.prefix.positions import _ancestors, _value_path, position_roots
 
 aten = torch.ops.aten
 #: stand-in for "to the end" in aten.slice
@@ -86,7 +85,7 @@ def cache_decoder(model) -> CacheDecoder:
     gm, prefixes, windows = _graph_and_prefixes(model)
     graph = gm.graph
     ids, mask = [n for n in graph.nodes if n.op == "placeholder"][:2]
-    sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+    sdpas = sdpa_nodes(graph)
     if not sdpas:
         raise ExportError("the model has no scaled_dot_product_attention call to give a KV cache")
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
@@ -311,22 +310,9 @@ def _use_mask(sdpa: Node, consumer, old_mask: Node | None, new_mask: Node) -> No
 
 def _check_mask_uses(mask: Node, ours: set[Node]) -> None:
     """After the rewrite the attention mask may only reach our masks and positions."""
+    reached = set(ours).union(*(_ancestors(o) for o in ours))
     for user in mask.users:
-        if user.op == "call_function" and user.target is aten.sym_size.int:
-            continue
-        if any(user in _descendants_until(o, mask) for o in ours):
+        if user.op == "call_function" and user.target is aten.sym_size.int or user in reached:
             continue
         raise ExportError(f"the model reads attention_mask at {user.name} in a way the KV-cache rewrite "
                           "does not know (positions from the mask, say)")
-
-
-def _descendants_until(node: Node, source: Node) -> set[Node]:
-    """Ancestors of ``node`` that descend from ``source``."""
-    out, frontier = set(), [node]
-    while frontier:
-        n = frontier.pop()
-        if n in out:
-            continue
-        out.add(n)
-        frontier += [a for a in n.all_input_nodes if a is not source]
-    return out
