@@ -39,3 +39,26 @@ class Engine(Protocol):
         left-padded with zeros where they are shorter); past: per attention key, value (B, h, P, d). Returns
         logits (B, S, V) float32 and the present cache (B, h, P+S, d) per attention, key then value."""
         ...
+
+
+class BaseEngine:
+    """The :class:`Engine` of one decoder step without adapters (``peftc serve OUT/`` with no ``--adapter``):
+    an :class:`~peftc.export.genai.OnnxStep` or :class:`~peftc.export.genai.TorchStep`, every row ``BASE``."""
+
+    def __init__(self, step, max_length: int):
+        self.step = step
+        self.names = [BASE]
+        self.max_length = int(max_length)
+
+    def start(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+        self.task_ids([name])
+        return self.step.empty(1), np.ones((1, 0), np.int64)
+
+    def task_ids(self, names: list[str]) -> np.ndarray:
+        unknown = [n for n in names if n != BASE]
+        if unknown:
+            raise KeyError(unknown[0])
+        return np.zeros(len(names), np.int64)
+
+    def __call__(self, ids, mask, past, task_ids):
+        return self.step(ids, mask, past)
