@@ -10,6 +10,7 @@ from peftc.cli.progress import step
 from peftc.rundir import load_run, manifest_dtype, read_manifest
 from peftc.compiler.compiled import compile as compile_model, op_histogram
 from peftc.errors import PeftcError
+from peftc.export.adapters import export_onnx_adapter, export_switchable
 from peftc.export.genai import export_genai
 from peftc.export.gguf import GGUF_TYPES, export_gguf
 from peftc.export.hf import export_hf
@@ -81,7 +82,31 @@ def _compare_base(args, ref: str, dtype: str, merged, ids, dequantized: bool, re
     return equal and same_graph
 
 
+def _adapters(args) -> int:
+    """``--genai OUT --adapter-inputs`` and ``--onnx-adapter FILE --for OUT``: the run's LoRA unmerged, as
+    inputs of the decoder and an ONNX Runtime adapter file (peftc.export.adapters)."""
+    if args.adapter_inputs and not args.genai:
+        raise PeftcError("--adapter-inputs is an option of --genai")
+    if bool(args.onnx_adapter) != bool(args.for_dir):
+        raise PeftcError("--onnx-adapter FILE takes --for DIR, the directory written by --genai DIR --adapter-inputs")
+    if args.nf4 or args.int4 or args.dtype != "fp32" or args.block or args.compare_base:
+        raise PeftcError("switchable adapters are exported on the float32 base: --dtype, --nf4, --int4, --block "
+                         "and --compare-base do not apply")
+    directory, manifest, ref = read_manifest(args)
+    with step(f"compiling {ref} and loading the adapter"):
+        model = load_run(directory, manifest, ref)
+    if args.onnx_adapter:
+        with step(f"writing {args.onnx_adapter} for {args.for_dir} and verifying it in ONNX Runtime"):
+            print(export_onnx_adapter(model, args.onnx_adapter, args.for_dir, where=str(directory)))
+        return 0
+    with step(f"writing the KV-cache decoder {args.genai} with adapter inputs and verifying it in ONNX Runtime"):
+        print(export_switchable(model, args.genai, directory.resolve().name))
+    return 0
+
+
 def cmd_export(args) -> int:
+    if args.adapter_inputs or args.onnx_adapter or args.for_dir:
+        return _adapters(args)
     onnx_options = args.nf4 or args.int4 or args.dtype != "fp32" or args.block or args.compare_base
     if (args.hf or args.gguf) and onnx_options:
         raise PeftcError(f"{'--hf' if args.hf else '--gguf'} writes the merged weights itself: --dtype, --nf4, "
@@ -134,6 +159,13 @@ def add_commands(sub) -> None:
     out.add_argument("--hf", metavar="DIR", help="write the merged model as a Hugging Face checkpoint directory "
                                                   "(config.json, safetensors in the run's dtype, tokenizer files)")
     out.add_argument("--gguf", metavar="FILE", help="write the merged model as one GGUF file (LLaMA family)")
+    out.add_argument("--onnx-adapter", metavar="FILE", help="write the run's LoRA as an ONNX Runtime adapter file "
+                                                          "(.onnx_adapter) for the decoder in --for DIR")
+    p.add_argument("--adapter-inputs", action="store_true",
+                   help="with --genai: keep LoRA unmerged as named graph inputs (base model when none is fed) and "
+                        "write DIR/adapters/<run>.onnx_adapter; ONNX Runtime and onnxruntime-genai switch adapters")
+    p.add_argument("--for", dest="for_dir", metavar="DIR", default=None,
+                   help="with --onnx-adapter: the --genai DIR --adapter-inputs directory the adapter is for")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
                    help="tensor type of --gguf's 2-D weights (default f16; norms stay f32)")
     p.add_argument("--model", default=None, help="override the model named in the directory")
