@@ -58,6 +58,16 @@ class _Keys(Interpreter):
         return super().run_node(n)
 
 
+def attention_inputs(gm: GraphModule, tokens: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values every attention of ``gm`` receives, in graph order, on ``tokens`` zero ids (one
+    row): a prefix's or a soft prompt's P positions come first in each and do not depend on what follows."""
+    ids = torch.zeros(1, tokens, dtype=torch.long)
+    with torch.no_grad():
+        keys = _Keys(gm)
+        keys.run(ids, torch.ones_like(ids))
+    return keys.found
+
+
 def sdpa_nodes(graph: torch.fx.Graph) -> list[Node]:
     """The graph's scaled_dot_product_attention calls, in order."""
     return [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
@@ -79,18 +89,15 @@ def prompt_as_past(model) -> tuple[GraphModule, dict[str, ConstantPrefix], dict[
     record = records[0]
     gm = copy_graph_module(model.graph_module)
     tokens = record.tokens
-    ids = torch.zeros(1, 2, dtype=torch.long)
-    with torch.no_grad():
-        keys = _Keys(gm)
-        keys.run(ids, torch.ones_like(ids))
+    found = attention_inputs(gm)
     _unprompt(gm, record)
     sdpas = sdpa_nodes(gm.graph)
-    if len(sdpas) != len(keys.found):
+    if len(sdpas) != len(found):
         raise ExportError("the soft prompt's keys and values do not match the model's attentions")
     windows = graph_windows(gm, model.config)
     emit = Emit(_Context(gm), None, 0, "prompt")
     prefixes = {}
-    for i, (sdpa, (key, value)) in enumerate(zip(sdpas, keys.found)):
+    for i, (sdpa, (key, value)) in enumerate(zip(sdpas, found)):
         name = f"peftc_prompt_past_{i}"
         weights = PrefixWeights(0, 0, 0, empty=True)
         weights.key = nn.Parameter(key[0, :, :tokens].contiguous(), requires_grad=False)

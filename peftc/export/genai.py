@@ -73,9 +73,14 @@ def capture_decoder(decoder: CacheDecoder) -> torch.export.ExportedProgram:
     ids = torch.ones(2, 3, dtype=torch.long)
     mask = torch.ones(2, 7, dtype=torch.long)
     pasts = [torch.zeros(2, h, 4, d) for h, d in layout.heads for _ in (0, 1)]
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in pasts))   # *past
+    extras = [e.example(2) for e in layout.extras]
+    axes = {"batch": batch}
+    extra_shapes = tuple({i: axes.setdefault(a, Dim(a.replace(".", "_"), max=longest)) for i, a in enumerate(e.axes)
+                          if isinstance(a, str)} for e in layout.extras)
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total},
+              tuple({0: batch, 2: past} for _ in pasts) + extra_shapes)       # *past, *extras
     with torch.no_grad():
-        return torch.export.export(decoder, (ids, mask, *pasts), dynamic_shapes=shapes, strict=False,
+        return torch.export.export(decoder, (ids, mask, *pasts, *extras), dynamic_shapes=shapes, strict=False,
                                    prefer_deferred_runtime_asserts_over_guards=True)
 
 
@@ -89,6 +94,8 @@ def _name_axes(model, ep: torch.export.ExportedProgram, layout: CacheLayout) -> 
     ids, mask, past = (p.meta["val"] for p in placeholders[:3])
     names = {str(ids.shape[0]): "batch", str(ids.shape[1]): "sequence", str(mask.shape[1]): "total_sequence",
              str(past.shape[2]): "past_sequence"}
+    for extra, node in zip(layout.extras, placeholders[len(placeholders) - len(layout.extras):]):
+        names.update((str(node.meta["val"].shape[i]), a) for i, a in enumerate(extra.axes) if isinstance(a, str))
     for value in list(model.graph.inputs) + list(model.graph.outputs):
         dims = [ir.SymbolicDim(names.get(str(d), str(d))) if isinstance(d, ir.SymbolicDim) else d
                 for d in value.shape]
@@ -152,13 +159,15 @@ class OnnxStep:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers())
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.heads = [(i.shape[1], i.shape[3]) for i in self.session.get_inputs()[2::2]]
+        self.heads = [(i.shape[1], i.shape[3]) for i in self.session.get_inputs()
+                      if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
 
     def empty(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, h, 0, d), np.float32) for h, d in self.heads for _ in (0, 1)]
 
-    def __call__(self, ids, mask, past):
-        out = self.session.run(None, dict(zip(self.inputs, [ids, mask, *past])))
+    def __call__(self, ids, mask, past, extras=()):
+        """``extras``: the values of the inputs that follow the cache (:class:`peftc.export.kvcache.ExtraInput`)."""
+        out = self.session.run(None, dict(zip(self.inputs, [ids, mask, *past, *extras])))
         return out[0], out[1:]
 
 
@@ -171,22 +180,25 @@ class TorchStep:
     def empty(self, batch: int) -> list[np.ndarray]:
         return [t.numpy() for t in self.decoder.layout.empty(batch)]
 
-    def __call__(self, ids, mask, past):
+    def __call__(self, ids, mask, past, extras=()):
         with torch.no_grad():
-            out = self.decoder(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (ids, mask, *past)))
+            out = self.decoder(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (ids, mask, *past, *extras)))
         return out[0].float().numpy(), [t.numpy() for t in out[1:]]
 
 
 def decode(step, ids: np.ndarray, mask: np.ndarray, new_tokens: int, forced: np.ndarray | None = None,
-           eos_id: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+           eos_id: int | None = None, *, past: list[np.ndarray] | None = None,
+           extras: tuple = ()) -> tuple[np.ndarray, list[np.ndarray]]:
     """Greedy decoding with a cache: (tokens (batch, n), the last-position logits of each step). ``forced``
     (batch, n) feeds those tokens instead of the argmax (to compare two decoders on the same sequence). Rows
-    that produced ``eos_id`` keep producing it; decoding stops when every row has."""
-    past = step.empty(ids.shape[0])
+    that produced ``eos_id`` keep producing it; decoding stops when every row has. ``past`` starts the cache
+    (``mask`` then covers it first; empty by default); ``extras`` go to every step after the cache."""
+    past = step.empty(ids.shape[0]) if past is None else past
+    more = (tuple(extras),) if extras else ()
     tokens, logits = [], []
     done = np.zeros(ids.shape[0], bool)
     for t in range(new_tokens):
-        out, past = step(ids, mask, past)
+        out, past = step(ids, mask, past, *more)
         last = out[:, -1].astype(np.float32)
         logits.append(last)
         token = forced[:, t] if forced is not None else last.argmax(-1)

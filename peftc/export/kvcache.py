@@ -14,6 +14,8 @@ into a decoder step ``(input_ids, attention_mask, past...) -> (logits, present..
   attention mask keeps j, ``j <= P + i`` and, under a sliding window W, ``j > P + i - W`` (which attentions
   slide, and W, are read off the masks the graph computes, as the prefix pass reads them); a token always
   sees itself, so a padded row computes finite values that no real token reads;
+- inputs the model's graph takes beyond ``input_ids`` and ``attention_mask`` (a task id per row, say) are
+  :class:`ExtraInput` s the caller declares: they stay inputs of the step, after the cache;
 - position ids become what ``transformers``' ``generate()`` gives: the count of kept positions before each
   token (``cumsum(attention_mask) - 1``), so cached and left-padded rows get their true positions. The
   rewrite adds ``positions - arange(S)`` to the model's own position tensor (found as the prefix pass finds
@@ -24,7 +26,7 @@ What the rewrite cannot place (no SDPA, positions it cannot find, a mask read el
 that names the node."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -42,11 +44,27 @@ PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
 
 
+@dataclass(frozen=True)
+class ExtraInput:
+    """An input of the decoder step besides the tokens, the mask and the cache, fed at every step: its name,
+    dtype and axes, each the name of a dynamic axis (``"batch"`` is the tokens' batch) or a fixed size."""
+    name: str
+    dtype: torch.dtype
+    axes: tuple[str | int, ...]
+
+    def example(self, batch: int, other: int = 3) -> torch.Tensor:
+        """A zero tensor of this input's shape, ``batch`` rows on a batch axis, ``other`` on other named ones."""
+        shape = [batch if a == "batch" else other if isinstance(a, str) else a for a in self.axes]
+        return torch.zeros(shape, dtype=self.dtype)
+
+
 @dataclass
 class CacheLayout:
-    """The shape of the cache: per attention, (kv heads, head dim), in graph order."""
+    """The shape of the cache: per attention, (kv heads, head dim), in graph order; and the step's extra
+    inputs, which follow the cache."""
     heads: list[tuple[int, int]]
     max_length: int
+    extras: list[ExtraInput] = field(default_factory=list)
 
     @property
     def layers(self) -> int:
@@ -54,7 +72,7 @@ class CacheLayout:
 
     def input_names(self) -> list[str]:
         return ["input_ids", "attention_mask"] + [PAST.format(i, kind) for i in range(self.layers)
-                                                  for kind in ("key", "value")]
+                                                  for kind in ("key", "value")] + [e.name for e in self.extras]
 
     def output_names(self) -> list[str]:
         return ["logits"] + [PRESENT.format(i, kind) for i in range(self.layers) for kind in ("key", "value")]
@@ -65,7 +83,7 @@ class CacheLayout:
 
 
 class CacheDecoder(torch.nn.Module):
-    """One decoder step with a KV cache: ``(input_ids, attention_mask, *past) -> (logits, *present)``."""
+    """One decoder step with a KV cache: ``(input_ids, attention_mask, *past, *extras) -> (logits, *present)``."""
 
     def __init__(self, gm: GraphModule, layout: CacheLayout, config):
         super().__init__()
@@ -73,18 +91,23 @@ class CacheDecoder(torch.nn.Module):
         self.layout = layout
         self.config = config
 
-    def forward(self, input_ids, attention_mask, *past):
-        return tuple(self.gm(input_ids, attention_mask, *past))
+    def forward(self, input_ids, attention_mask, *past_and_extras):
+        return tuple(self.gm(input_ids, attention_mask, *past_and_extras))
 
 
-def cache_decoder(model) -> CacheDecoder:
+def cache_decoder(model, extras: list[ExtraInput] = ()) -> CacheDecoder:
     """The KV-cache decoder step of ``model`` (a CompiledModel of a causal LM, typically merged), sharing
-    its weights; the rewrite is described in the module doc."""
+    its weights; the rewrite is described in the module doc. The graph's inputs after ``input_ids`` and
+    ``attention_mask`` are ``extras``, in order."""
     if getattr(model, "kind", None) != "causal-lm":
         raise ExportError(f"a KV-cache decoder needs a causal LM; this model is {getattr(model, 'kind', '?')}")
     gm, prefixes, windows = _graph_and_prefixes(model)
     graph = gm.graph
-    ids, mask = [n for n in graph.nodes if n.op == "placeholder"][:2]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 2 + len(extras):
+        raise ExportError(f"the model's graph takes {len(placeholders)} inputs; the decoder was told of "
+                          f"input_ids, attention_mask and {len(extras)} more")
+    ids, mask = placeholders[:2]
     sdpas = sdpa_nodes(graph)
     if not sdpas:
         raise ExportError("the model has no scaled_dot_product_attention call to give a KV cache")
@@ -127,7 +150,7 @@ def cache_decoder(model) -> CacheDecoder:
     _check_mask_uses(mask, set(masks.values()) | set(readers))
     graph.lint()
     gm.recompile()
-    return CacheDecoder(gm, CacheLayout(heads, max_positions(model.config)), model.config)
+    return CacheDecoder(gm, CacheLayout(heads, max_positions(model.config), list(extras)), model.config)
 
 
 def _graph_and_prefixes(model) -> tuple[GraphModule, dict, dict[str, int]]:
