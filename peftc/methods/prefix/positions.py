@@ -1,6 +1,12 @@
 """The prefix pass's shift of the model's position ids by P (see :mod:`peftc.methods.prefix.rewrite`): the
 integer position tensors that reach an attention's query, key or value (an ``arange`` over the sequence, a
-``cumsum`` of the attention mask, a slice of a position-id buffer) get P added on that path only."""
+``cumsum`` of the attention mask, a slice of a position-id buffer) get P added on that path only.
+
+Position ids are told by what they feed, not by how they are made: a rotary embedding's ``cos``/``sin``, or
+an index into a table the model holds (a position embedding, a sin/cos table as GPT-J's) — a lookup whose
+table no input reaches. Any other integer ``arange`` on the way to an attention is something else: a
+mixture-of-experts block numbers its tokens with one to scatter the experts' outputs back, and shifting that
+indexed out of bounds."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +17,8 @@ from peftc.methods.prefix.attention import Emit, attention_calls
 aten = torch.ops.aten
 ARANGE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 INT_DTYPES = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
+TRIG_OPS = {aten.cos.default, aten.sin.default}                     # a rotary embedding
+LOOKUP_OPS = {aten.embedding.default, aten.index.Tensor, aten.index_select.default, aten.gather.default}
 
 
 def _value_path(gm: GraphModule) -> set[Node]:
@@ -30,6 +38,33 @@ def _value_path(gm: GraphModule) -> set[Node]:
     return out
 
 
+def _from_inputs(gm: GraphModule) -> set[Node]:
+    """Nodes computed from some input of the graph (the rest are the model's constants)."""
+    out: set[Node] = set()
+    for node in gm.graph.nodes:              # graph order: inputs come before their users
+        if node.op == "placeholder" or any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def _position_uses(gm: GraphModule) -> list[Node]:
+    """What position ids become: a ``cos``/``sin``, or a lookup in a constant table."""
+    varying = _from_inputs(gm)
+    return [node for node in gm.graph.nodes if node.op == "call_function" and (
+        node.target in TRIG_OPS or (node.target in LOOKUP_OPS and node.args[0] not in varying))]
+
+
+def _position_path(gm: GraphModule) -> set[Node]:
+    """Nodes on the way to the attention's inputs that feed a position use (see the module doc), the uses
+    included."""
+    feeding: set[Node] = set()
+    for use in _position_uses(gm):
+        if use not in feeding:
+            feeding.add(use)
+            feeding |= _ancestors(use)
+    return feeding & _value_path(gm)
+
+
 def _is_int(node: Node) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.dtype in INT_DTYPES
@@ -37,7 +72,7 @@ def _is_int(node: Node) -> bool:
 
 def position_roots(gm: GraphModule) -> list[Node]:
     """The integer position tensors of the sequence that feed the attention's inputs (see the module doc)."""
-    on_path = _value_path(gm)
+    on_path = _position_path(gm)
     roots = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in on_path or not _is_int(node):
@@ -74,7 +109,7 @@ def _is_arange_buffer(gm: GraphModule, node) -> bool:
 def shift_positions(emit: Emit, tokens: int) -> list[str]:
     """Add ``tokens`` to the position ids on the path to the attention inputs; returns the roots shifted."""
     gm = emit.ctx.gm
-    on_path = _value_path(gm)
+    on_path = _position_path(gm)
     shifted = []
     for root in position_roots(gm):
         users = [u for u in root.users if u in on_path]
