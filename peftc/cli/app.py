@@ -7,12 +7,12 @@ import errno
 import json
 import sys
 
-from peftc.cli import compile as compile_commands, export, language, model, train
+from peftc.cli import compile as compile_commands, export, language, model, serve, train
 from peftc.errors import PeftcError
 from peftc.lang.diagnostics import SpecError, escape
 
 #: the command groups, in the order ``peftc --help`` lists them
-GROUPS = (language, compile_commands, model, export, train)
+GROUPS = (language, compile_commands, model, export, train, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
