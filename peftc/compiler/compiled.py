@@ -13,6 +13,7 @@ from torch.fx import GraphModule
 
 from peftc.graph.analysis import ModelSites, analyze
 from peftc.graph.capture import capture, copy_graph_module
+from peftc.graph.signature import TEXT, Signature
 from peftc.compiler.memory import WeightBytes
 from peftc.models import build_model, checkpoint_dir, load_model
 from peftc.weights import Checkpoint, materialize, meta_constants, meta_tensors, transient_buffers_unmapped
@@ -118,7 +119,8 @@ def compile_prepared(prepared: Prepared, spec: Spec | str | Path, *, filename: s
             prepared.checkpoint.close()
             timings["weights"] = time.perf_counter() - start
     model = CompiledModel(gm, spec=spec, sites=prepared.sites, records=ctx.records, kind=captured.kind,
-                          config=captured.config, model_ref=prepared.ref, timings=timings)
+                          config=captured.config, model_ref=prepared.ref, timings=timings,
+                          signature=captured.signature)
     model.base_program = captured.base
     model.base_dtype, model.autocast_adapter_dtype = prepared.dtype, autocast_adapter_dtype
     return model
@@ -134,7 +136,8 @@ class CompiledModel(nn.Module):
     for the last hidden state of an encoder. Only the inserted parameters require gradients."""
 
     def __init__(self, gm: GraphModule, *, spec: Spec, sites: ModelSites, records: list, kind: str,
-                 config, model_ref: str, timings: dict[str, float] | None = None):
+                 config, model_ref: str, timings: dict[str, float] | None = None,
+                 signature: Signature | None = None):
         super().__init__()
         self.graph_module = gm
         self.spec = spec
@@ -148,6 +151,8 @@ class CompiledModel(nn.Module):
         self.folded: list = []
         #: the capture's own program (peftc.graph.capture.BaseProgram), for an export without a second capture
         self.base_program = None
+        #: the inputs it takes, in order, and what it returns (peftc.graph.signature)
+        self.signature = signature or Signature(TEXT, kind, "logits" if kind != "encoder" else "last_hidden_state")
         #: the dtype the base model was loaded in, and whether inserted weights are float32 on a
         #: half-precision base (both recorded in a run directory, so it is rebuilt the same way)
         self.base_dtype = torch.float32
@@ -155,10 +160,10 @@ class CompiledModel(nn.Module):
         self.training = False
         self._set_dropout(False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return self.graph_module(input_ids, attention_mask)
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """``model(input_ids, attention_mask=None)`` for a text model; in general the inputs of
+        :attr:`signature`, by position or by name (``pixel_values``, ``decoder_input_ids``...)."""
+        return self.graph_module(*self.signature.bind(args, kwargs))
 
     def train(self, mode: bool = True) -> "CompiledModel":
         """Switch dropout (captured and inserted) between training and inference behaviour."""
@@ -220,7 +225,7 @@ class CompiledModel(nn.Module):
         gm.graph.lint()
         gm.recompile()
         merged = CompiledModel(gm, spec=self.spec, sites=self.sites, records=kept, kind=self.kind,
-                               config=self.config, model_ref=self.model_ref)
+                               config=self.config, model_ref=self.model_ref, signature=self.signature)
         merged.folded = folded
         merged.base_program = self.base_program
         merged.base_dtype, merged.autocast_adapter_dtype = self.base_dtype, self.autocast_adapter_dtype

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import io
 import logging
 import operator
@@ -17,9 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from peftc.graph.capture import deepcopy_quietly, dynamic_shapes, example_inputs, max_positions
+from peftc.compiler.compiled import CompiledModel
+from peftc.graph.capture import deepcopy_quietly, example_inputs, max_positions
+from peftc.graph.signature import TEXT, Signature, signature_of
 from peftc.errors import ExportError
 from peftc.fsutil import atomic_path
+from peftc.export.aten_ops import lower, uncovered
 from peftc.export.lowerings import onnx_blockers, translation_table
 from peftc.export.precision import STORED, float32_compute, fold_weight_casts, keeps_weight_casts
 
@@ -57,11 +59,30 @@ def onnx_op_counts(path: str | Path) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def _verify_inputs(module) -> tuple[torch.Tensor, torch.Tensor]:
-    vocab = getattr(getattr(module, "config", None), "vocab_size", 32) or 32
-    ids, mask = example_inputs(batch=3, seq=11, vocab=min(vocab, 1000), seed=1)
-    mask[0, :3] = 0          # a padded row, so the mask path is exercised too
-    return ids, mask
+def signature(module) -> Signature:
+    """The inputs ``module`` takes: a CompiledModel's or a wrapped transformers model's signature, else text."""
+    return getattr(module, "signature", None) or Signature(TEXT, "causal-lm", "logits")
+
+
+def _verify_inputs(module) -> tuple[torch.Tensor, ...]:
+    """Inputs of a shape the capture did not use, in the module's signature order: text is 3 rows of 11
+    tokens below the vocabulary (at most 1000), the first row padded on the left by 3."""
+    config = getattr(module, "config", None)
+    vocab = getattr(config, "vocab_size", 32) or 32
+    sig = signature(module)
+    if sig.names == TEXT:
+        ids, mask = example_inputs(batch=3, seq=11, vocab=min(vocab, 1000), seed=1)
+        inputs = (ids, mask)
+    else:
+        inputs = sig.examples(config, batch=3, seq=11, seed=1)
+    mask = _mask_of(sig, inputs)
+    if mask is not None:
+        mask[0, :3] = 0          # a padded row, so the mask path is exercised too
+    return inputs
+
+
+def _mask_of(sig: Signature, inputs: tuple) -> torch.Tensor | None:
+    return inputs[sig.names.index("attention_mask")] if "attention_mask" in sig.names else None
 
 
 def export_onnx(module: torch.nn.Module, path: str | Path, *, verify: bool = True,
@@ -126,7 +147,8 @@ def _to_onnx(module: torch.nn.Module, path: Path, seconds: dict[str, float]):
     capture reused or made with dynamic batch and sequence axes, then converted. The times go in
     ``seconds``; a graph ONNX cannot hold, or any failure, is an ExportError."""
     config = getattr(module, "config", None)
-    ids, mask = example_inputs(vocab=min(getattr(config, "vocab_size", 32) or 32, 32))
+    sig = signature(module)
+    inputs = sig.examples(config)
     graph_module = getattr(module, "graph_module", None)
     blockers = onnx_blockers(graph_module) if graph_module is not None else []
     if blockers:
@@ -139,13 +161,13 @@ def _to_onnx(module: torch.nn.Module, path: Path, seconds: dict[str, float]):
         ep = _reuse_capture(module)
         if ep is None:
             with torch.no_grad():
-                ep = _capture(module, ids, mask, dynamic_shapes(_max_sequence(module, config)))
+                ep = _capture(module, inputs, sig.dynamic(_max_sequence(module, config)))
             seconds["capture"] = time.perf_counter() - start
         else:
             seconds["reuse_capture"] = time.perf_counter() - start
         start = time.perf_counter()
         with quiet():
-            program, route = _convert(ep, (ids, mask))
+            program, route = _convert(ep, inputs, list(sig.names))
         seconds["convert"] = time.perf_counter() - start
     except Exception as exc:
         raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
@@ -164,15 +186,10 @@ class TensorOutput(torch.nn.Module):
         self.model = model
         self.config = model.config
         self.training = model.training
-        self.cache_off = "use_cache" in inspect.signature(model.forward).parameters
+        self.signature = signature_of(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        kwargs = {"use_cache": False} if self.cache_off else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        for name in ("logits", "last_hidden_state"):
-            if getattr(out, name, None) is not None:
-                return getattr(out, name)
-        return out[0]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.signature.call(self.model, inputs)
 
 
 def tensor_output(module: torch.nn.Module) -> torch.nn.Module:
@@ -225,16 +242,21 @@ def _reuse_capture(module) -> torch.export.ExportedProgram | None:
         verifiers=program.verifiers)
 
 
-def _capture(module, ids, mask, shapes):
-    """torch.export with dynamic batch and sequence. A soft prompt makes the inner length ``sequence + P``,
-    on which torch's symbolic shapes cannot prove some stride guards (min(16·(s+3), 32·(s+3)) = 16·(s+3),
-    from a grouped-query ``repeat_kv``); such a capture is retried with those guards as runtime asserts."""
+def _capture(module, inputs: tuple, shapes: tuple):
+    """torch.export with dynamic batch and sequence (``shapes``: one dict per positional input). A soft prompt
+    makes the inner length ``sequence + P``, on which torch's symbolic shapes cannot prove some stride guards
+    (min(16·(s+3), 32·(s+3)) = 16·(s+3), from a grouped-query ``repeat_kv``); such a capture is retried with
+    those guards as runtime asserts."""
+    if isinstance(module, CompiledModel):                   # forward(*args, **kwargs)
+        shapes = {"args": shapes}
+    elif isinstance(module, TensorOutput):                  # forward(*inputs)
+        shapes = (shapes,)
     try:
-        return torch.export.export(module, (ids, mask), strict=False, dynamic_shapes=shapes)
+        return torch.export.export(module, inputs, strict=False, dynamic_shapes=shapes)
     except torch._dynamo.exc.UserError as exc:
         if "Constraints violated" not in str(exc):
             raise
-        return torch.export.export(module, (ids, mask), strict=False, dynamic_shapes=shapes,
+        return torch.export.export(module, inputs, strict=False, dynamic_shapes=shapes,
                                    prefer_deferred_runtime_asserts_over_guards=True)
 
 
@@ -257,15 +279,15 @@ def _convert(ep: torch.export.ExportedProgram, args: tuple, input_names: list[st
     """ONNX from a captured program. ``torch.onnx.export`` first re-traces the whole graph to decompose it
     (14 s of a 43 s export of SmolLM2) and then runs onnxscript's pattern rewriter (19 s), neither of which
     changes what ONNX Runtime runs: ORT folds and fuses the graph itself when it loads it. So the few
-    captured ops torch's ONNX functions do not cover are lowered here by hand (:func:`_lower`), the graph
+    captured ops torch's ONNX functions do not cover are lowered here by hand (:func:`peftc.export.aten_ops.lower`), the graph
     is translated node by node, and only constants are folded. A graph with any other uncovered op takes
     torch.onnx's full route."""
     import onnxscript.optimizer
     from torch.onnx._internal.exporter import _core, _fx_passes, _ir_passes
     registry, implemented = _registry()
-    _lower(ep.graph_module.graph)
+    lower(ep.graph_module.graph)
     gm = ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)
-    route = "decomposed" if _uncovered(gm, implemented) else "direct"
+    route = "decomposed" if uncovered(gm, implemented) else "direct"
     if route == "decomposed":
         program = torch.onnx.export(ep, args, dynamo=True, optimize=False, input_names=input_names,
                                     output_names=output_names, custom_translation_table=translation_table())
@@ -279,47 +301,6 @@ def _convert(ep: torch.export.ExportedProgram, args: tuple, input_names: list[st
     onnxscript.optimizer.remove_unused_nodes(program.model)
     fold_weight_casts(program.model)
     return program, route
-
-
-def _uncovered(gm, implemented) -> set[str]:
-    """The call targets in ``gm`` that no registered ONNX function implements, or that write to their
-    inputs (ONNX values are immutable; the full route functionalises those)."""
-    import operator
-    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem
-            and (n.target not in implemented or getattr(getattr(n.target, "_schema", None), "is_mutable", False))}
-
-
-def _lower(graph: torch.fx.Graph) -> None:
-    """Replace the captured ops torch's ONNX functions do not implement by ones they do: dtype/device
-    conversions become ``_to_copy`` to the dtype (or nothing), ``alias`` nothing, ``new_ones`` ``ones``,
-    ``&`` on tensors ``bitwise_and``. Values (``meta['val']``) are unchanged, so nothing downstream moves."""
-    aten = torch.ops.aten
-    conversions = (aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other, aten.alias.default)
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        target = node.target
-        if target in conversions:
-            source, val = node.args[0], node.meta.get("val")
-            if not isinstance(val, torch.Tensor) or not isinstance(source.meta.get("val"), torch.Tensor):
-                continue
-            if source.meta["val"].dtype == val.dtype:
-                node.replace_all_uses_with(source)
-                graph.erase_node(node)
-                continue
-            _replace(graph, node, aten._to_copy.default, (source,), {"dtype": val.dtype})
-        elif target is aten.new_ones.default and isinstance(node.meta.get("val"), torch.Tensor):
-            _replace(graph, node, aten.ones.default, (node.args[1],), {"dtype": node.meta["val"].dtype})
-        elif target is aten.__and__.Tensor:
-            node.target = aten.bitwise_and.Tensor
-
-
-def _replace(graph: torch.fx.Graph, node, target, args, kwargs) -> None:
-    with graph.inserting_before(node):
-        new = graph.call_function(target, args, kwargs)
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
 
 
 def _rename_external(model_path: Path, produced: Path, final: Path, data_name: str) -> None:
@@ -339,20 +320,30 @@ def verify_onnx(module: torch.nn.Module, path: str | Path) -> tuple[float, str, 
     """Max abs difference between ONNX Runtime and torch on inputs of a shape not used in capture,
     over the positions the attention mask keeps; the provider used; torch's largest |output| there."""
     import onnxruntime as ort
-    ids, mask = _verify_inputs(module)
+    inputs = _verify_inputs(module)
+    sig = signature(module)
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        expected = module(ids, mask).float().numpy()
+        expected = module(*inputs).float().numpy()
     module.train(was_training)
     chosen = providers()
     session = ort.InferenceSession(str(path), providers=chosen)
-    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    got = session.run(None, {name: t.numpy() for name, t in zip(sig.names, inputs)})[0]
     if got.shape != expected.shape:
         raise ExportError(f"{path}: ONNX Runtime output shape {got.shape} != torch {expected.shape}")
-    real = mask.numpy().astype(bool)        # padded positions attend to nothing: their output is undefined
+    real = _kept(sig, inputs, expected)     # padded positions attend to nothing: their output is undefined
     return (float(np.abs(got - expected)[real].max()), session.get_providers()[0],
             float(np.abs(expected[real]).max()))
+
+
+def _kept(sig: Signature, inputs: tuple, expected: np.ndarray) -> np.ndarray:
+    """Where the output is defined: a text model's positions its attention mask keeps (an encoder-decoder's
+    output is per decoder token, all kept), everywhere else."""
+    mask = _mask_of(sig, inputs)
+    if mask is None or sig.kind not in ("causal-lm", "encoder") or "decoder_input_ids" in sig.names:
+        return np.ones(expected.shape[:-1], bool)
+    return mask.numpy().astype(bool)
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ def float32_compute(model, stored: torch.dtype = torch.float32):
     graph.lint()
     view.recompile()
     out = CompiledModel(view, spec=model.spec, sites=model.sites, records=list(model.records), kind=model.kind,
-                        config=model.config, model_ref=model.model_ref)
+                        config=model.config, model_ref=model.model_ref, signature=model.signature)
     out.base_dtype, out.stored_dtype = torch.float32, stored
     return out
 

@@ -20,7 +20,7 @@ from peftc.compiler.compiled import CompiledModel
 from peftc.graph.analysis import LinearSite
 from peftc.graph.capture import copy_graph_module
 from peftc.errors import ExportError
-from peftc.export.onnx import ExportResult, _verify_inputs, export_onnx
+from peftc.export.onnx import ExportResult, _kept, _verify_inputs, export_onnx, signature
 from peftc.export.precision import STORED, float32_compute
 from peftc.export.lowerings import MATMULBNB4_BLOCKS
 from peftc.quant.rewrite import QuantizedWeight, float_weight, quantize_site, quantize_weight
@@ -63,7 +63,7 @@ def requantize_plan(merged) -> list[tuple[LinearSite, int, bool]]:
 
 def _copy_model(merged, gm):
     return CompiledModel(gm, spec=merged.spec, sites=merged.sites, records=[], kind=merged.kind,
-                         config=merged.config, model_ref=merged.model_ref)
+                         config=merged.config, model_ref=merged.model_ref, signature=merged.signature)
 
 
 def target_model(merged, target: str, *, block: int | None = None):
@@ -85,9 +85,9 @@ def target_model(merged, target: str, *, block: int | None = None):
     return float32_compute(_copy_model(merged, gm))
 
 
-def _logits(model, ids, mask) -> np.ndarray:
+def _logits(model, inputs: tuple) -> np.ndarray:
     with torch.no_grad():
-        return model(ids, mask).float().numpy()
+        return model(*inputs).float().numpy()
 
 
 def export_target(merged, path: str | Path, target: str = "fp32", *, block: int | None = None,
@@ -97,11 +97,11 @@ def export_target(merged, path: str | Path, target: str = "fp32", *, block: int 
     the ONNX Runtime check; a failure leaves the previous one."""
     model = target_model(merged, target, block=block)
     result = export_onnx(model, path, weights="fp16" if target == "fp16" else "fp32", check=check)
-    ids, mask = _verify_inputs(merged)
-    real = mask.numpy().astype(bool)
+    inputs = _verify_inputs(merged)
     exact = model if target == "fp32" else float32_compute(merged)       # (the fp32 target is that view)
-    reference = _logits(exact, ids, mask)
-    moved = 0.0 if model is exact else float(np.abs(_logits(model, ids, mask) - reference)[real].max())
+    reference = _logits(exact, inputs)
+    real = _kept(signature(merged), inputs, reference)
+    moved = 0.0 if model is exact else float(np.abs(_logits(model, inputs) - reference)[real].max())
     quantized = [m for m in model.graph_module.modules() if isinstance(m, QuantizedWeight)]
     bits = (8 * sum(m.nbytes for m in quantized) / sum(m.numel for m in quantized)) if quantized else None
     return TargetResult(target, result, moved, float(np.abs(reference[real]).max()), len(quantized), bits)

@@ -1,7 +1,8 @@
 """Capture a model as an aten graph with torch.export (non-strict), dynamic batch and sequence length.
 
-The captured module takes ``(input_ids, attention_mask)`` and returns logits for a causal LM or the last
-hidden state for an encoder. Module paths in node metadata and weight targets carry the prefix
+The captured module takes the model's inputs in the order of its :class:`~peftc.graph.signature.Signature`
+(``(input_ids, attention_mask)`` for a text model) and returns what the signature's kind says: logits for a
+language model or a classifier, the last hidden state for a base model. Module paths in node metadata and weight targets carry the prefix
 ``hf.``, which :func:`module_path` strips so that paths are the Hugging Face model's own names.
 
 Captures are cached in process, per model object (held weakly) and a fingerprint of what the capture
@@ -22,31 +23,32 @@ from torch.export import Dim
 from torch.fx import GraphModule, Node
 
 from peftc.errors import ModelError
+from peftc.graph.signature import SIGNATURE, TEXT, Signature, signature_of
 
 PREFIX = "hf."
 INPUT_NAMES = ("input_ids", "attention_mask")
 
 
 class _Wrapper(torch.nn.Module):
-    def __init__(self, hf: torch.nn.Module, output: str):
+    def __init__(self, hf: torch.nn.Module, signature: Signature):
         super().__init__()
         self.hf = hf
-        self.output = output
+        self.signature = signature
 
-    def forward(self, input_ids, attention_mask):
-        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return getattr(out, self.output)
+    def forward(self, *inputs):
+        return self.signature.call(self.hf, inputs)
 
 
 @dataclass
 class Captured:
     gm: GraphModule
-    kind: str            # "causal-lm" or "encoder"
+    kind: str            # the signature's kind: "causal-lm", "seq2seq-lm", "classifier" or "encoder"
     config: object       # the Hugging Face config
     seconds: float
     cached: bool = False  # the graph is a copy of a cached capture of the same model
     #: the program torch.export gave, which the ONNX export reuses while the graph is unchanged
     base: "BaseProgram | None" = None
+    signature: Signature = Signature(TEXT, "causal-lm", "logits")
 
 
 @dataclass
@@ -84,45 +86,46 @@ def capture(model: torch.nn.Module) -> Captured:
     config = getattr(model, "config", None)
     if config is None:
         raise ModelError(f"{type(model).__name__} has no .config: peftc captures Hugging Face models")
-    ids, mask = example_inputs(vocab=min(32, getattr(config, "vocab_size", 32) or 32))
+    signature = output_of(model)
+    inputs = signature.examples(config)
     max_seq = max_positions(config)
     if os.environ.get("PEFTC_CAPTURE_CACHE", "1") == "0":
-        return _export(model, config, ids, mask, max_seq)
+        return _export(model, config, signature, inputs, max_seq)
     start = time.perf_counter()
-    key = fingerprint(model, config, ids, mask, max_seq)
+    key = fingerprint(model, config, inputs, max_seq)
     entry = _CACHE.get(model)
     if entry is not None and entry.fingerprint == key:
         gm = copy_graph_module(entry.gm)
-        return Captured(gm=gm, kind=entry.kind, config=config, seconds=time.perf_counter() - start, cached=True,
-                        base=entry.base)
-    captured = _export(model, config, ids, mask, max_seq)
-    _CACHE[model] = _Entry(key, captured.gm, captured.kind, captured.base)
+        return Captured(gm=gm, kind=signature.kind, config=config, seconds=time.perf_counter() - start,
+                        cached=True, base=entry.base, signature=signature)
+    captured = _export(model, config, signature, inputs, max_seq)
+    _CACHE[model] = _Entry(key, captured.gm, captured.base)
     gm = copy_graph_module(captured.gm)
-    return Captured(gm=gm, kind=captured.kind, config=config, seconds=time.perf_counter() - start,
-                    base=captured.base)
+    return Captured(gm=gm, kind=signature.kind, config=config, seconds=time.perf_counter() - start,
+                    base=captured.base, signature=signature)
 
 
-def _export(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tensor, max_seq: int) -> Captured:
+def _export(model: torch.nn.Module, config, signature: Signature, inputs: tuple, max_seq: int) -> Captured:
     start = time.perf_counter()
-    kind, output = output_of(model)
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(_Wrapper(model, output), (ids, mask),
-                                 dynamic_shapes=dynamic_shapes(max_seq), strict=False)
+        ep = torch.export.export(_Wrapper(model, signature), inputs,
+                                 dynamic_shapes=(signature.dynamic(max_seq),), strict=False)
     except Exception as exc:
         raise ModelError(f"torch.export could not capture {type(model).__name__}: {exc}") from exc
     finally:
         model.train(was_training)
     gm = ep.module()
+    gm.meta[SIGNATURE] = signature
     if any(p.is_meta for p in gm.parameters()):
         for graph in (gm.graph, ep.graph_module.graph):
             on_cpu(graph)
     _freeze(gm)
     if grouped_query_attention(gm.graph):
         gm.recompile()
-    return Captured(gm=gm, kind=kind, config=config, seconds=time.perf_counter() - start,
-                    base=BaseProgram(weightless(ep), gm.code))
+    return Captured(gm=gm, kind=signature.kind, config=config, seconds=time.perf_counter() - start,
+                    base=BaseProgram(weightless(ep), gm.code), signature=signature)
 
 
 def weightless(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -158,21 +161,17 @@ def on_cpu(graph) -> None:
     graph.owning_module.recompile()
 
 
-def output_of(model: torch.nn.Module) -> tuple[str, str]:
-    """(kind, output field) from what the model is, without running it (its weights may be on the meta
-    device): a model with an output head gives ``logits``, a bare transformer its ``last_hidden_state``."""
+def output_of(model: torch.nn.Module) -> Signature:
+    """The signature of ``model``: a transformers model's from its class and config, without running it (its
+    weights may be on the meta device, :func:`peftc.graph.signature.signature_of`); another module's from
+    what one eager forward on text returns."""
     if hasattr(type(model), "get_output_embeddings"):       # a transformers model: its class tells
-        if model.get_output_embeddings() is not None:
-            return "causal-lm", "logits"
-        if type(model).__name__.endswith("Model"):
-            return "encoder", "last_hidden_state"
-        raise ModelError(f"{type(model).__name__} has no output head and is not a base model: peftc captures "
-                         "a model's logits or a base model's last hidden state")
+        return signature_of(model)
     return _probe(model)
 
 
-def _probe(model: torch.nn.Module) -> tuple[str, str]:
-    """(kind, output field) of a module that is not a transformers model, from what one eager forward returns."""
+def _probe(model: torch.nn.Module) -> Signature:
+    """The text signature of a module that is not a transformers model, from what one eager forward returns."""
     ids, mask = example_inputs(vocab=min(32, getattr(model.config, "vocab_size", 32) or 32))
     was_training = model.training
     model.eval()
@@ -183,7 +182,7 @@ def _probe(model: torch.nn.Module) -> tuple[str, str]:
         model.train(was_training)
     for kind, output in (("causal-lm", "logits"), ("encoder", "last_hidden_state")):
         if getattr(probe, output, None) is not None:
-            return kind, output
+            return Signature(TEXT, kind, output)
     raise ModelError(f"{type(model).__name__} returns neither logits nor last_hidden_state")
 
 
@@ -240,7 +239,6 @@ def _repeated(node) -> tuple[Node, int] | None:
 class _Entry:
     fingerprint: tuple
     gm: GraphModule      # pristine: never run through a pass; only copies of it are handed out
-    kind: str
     base: BaseProgram
 
 
@@ -252,7 +250,7 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def fingerprint(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.Tensor, max_seq: int) -> tuple:
+def fingerprint(model: torch.nn.Module, config, inputs: tuple, max_seq: int) -> tuple:
     """What a capture of ``model`` depends on: its class and config, which module objects it holds, which
     tensor objects its parameters and buffers are (with shape, dtype and device), and the example inputs.
     The captured graph reads the model's own tensor objects, so in-place weight updates leave it valid;
@@ -262,9 +260,9 @@ def fingerprint(model: torch.nn.Module, config, ids: torch.Tensor, mask: torch.T
                     for name, t in chain(model.named_parameters(remove_duplicate=False),
                                          model.named_buffers(remove_duplicate=False)))
     modules = tuple((name, weakref.ref(module)) for name, module in model.named_modules(remove_duplicate=False))
-    inputs = tuple((tuple(t.shape), t.dtype) for t in (ids, mask))
+    shapes = tuple((tuple(t.shape), t.dtype) for t in inputs)
     return (type(model), _config_text(config), getattr(config, "_attn_implementation", None),
-            tensors, modules, inputs, max_seq)
+            tensors, modules, shapes, max_seq)
 
 
 def _config_text(config) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from peftc.graph.capture import example_inputs
+from peftc.graph.signature import DECODER, SIGNATURE, TEXT
 
 
 @dataclass
@@ -50,14 +51,34 @@ class _LeafInterpreter(Interpreter):
         return result
 
 
+def probe_inputs(gm: GraphModule, vocab: int) -> tuple[torch.Tensor, ...]:
+    """Example inputs for the graph's inputs (:data:`peftc.graph.signature.SIGNATURE` in its meta names them):
+    tokens below ``vocab``, masks of ones, and the fixed-size inputs (pixels, audio features) at their shape
+    with a batch of 2."""
+    names = gm.meta.get(SIGNATURE, None)
+    names = names.names if names is not None else TEXT
+    ids, mask = example_inputs(batch=2, seq=7, vocab=max(2, min(vocab, 1000)), seed=3)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gen = torch.Generator().manual_seed(4)
+    out = []
+    for name, node in zip(names, placeholders):
+        if name in TEXT:
+            out.append(ids if name == "input_ids" else mask)
+        elif name == DECODER:
+            out.append(torch.randint(0, max(2, min(vocab, 1000)), (2, 4), generator=gen))
+        else:
+            shape = [d if isinstance(d, int) else 2 for d in node.meta["val"].shape]
+            out.append(torch.randn(shape, generator=gen))
+    return tuple(out)
+
+
 def support(probes: list[Probe], gm: GraphModule, vocab: int) -> dict[str, dict[str, set[int]]]:
     """For each probe, each watched role's set of output features of the linear that it depends on."""
     if not probes:
         return {}
-    ids, mask = example_inputs(batch=2, seq=7, vocab=max(2, min(vocab, 1000)), seed=3)
     interpreter = _LeafInterpreter(gm, {p.linear for p in probes})
     with torch.enable_grad():
-        interpreter.run(ids, mask)
+        interpreter.run(*probe_inputs(gm, vocab))
         env = {n.name: v for n, v in interpreter.env.items()}
         gen = torch.Generator().manual_seed(0)
         out: dict[str, dict[str, set[int]]] = {}

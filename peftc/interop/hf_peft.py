@@ -19,7 +19,8 @@ from peftc.fsutil import save_tensors, write_json
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION", "seq2seq-lm": "SEQ_2_SEQ_LM",
+              "classifier": None}      # HF PEFT has no image-classification task: a plain PeftModel
 #: adapter_config fields peftc does not implement; a file that sets them is refused, not half-loaded, unless
 #: its format reads the field itself (:attr:`Format.reads`: LORA's target_parameters)
 UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "target_parameters": None,
