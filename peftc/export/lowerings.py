@@ -1,5 +1,7 @@
-"""The ONNX lowerings of peftc's quantized custom ops (:mod:`peftc.quant.ops`): NF4 to ONNX Runtime's
-``com.microsoft.MatMulBnb4``, int4 to ``com.microsoft.MatMulNBits``, int8 to a dequantizing ``MatMul``;
+"""The ONNX lowerings of the custom ops a graph holds: peftc's quantized ops (:mod:`peftc.quant.ops`), NF4 to
+ONNX Runtime's ``com.microsoft.MatMulBnb4``, int4 to ``com.microsoft.MatMulNBits``, int8 to a dequantizing
+``MatMul``; and transformers' grouped expert matmul (``transformers.grouped_mm_fallback``, what a
+mixture-of-experts block's stacked experts run as), one ``MatMul`` per expert over its rows.
 ``translation_table()`` is the ``custom_translation_table`` of ``torch.onnx.export`` and of the direct
 conversion."""
 from __future__ import annotations
@@ -127,6 +129,37 @@ def onnx_blockers(gm: torch.fx.GraphModule) -> list[str]:
     return found
 
 
+def _lower_grouped_mm(x, weight, offs):
+    """``transformers.grouped_mm_fallback(x, weight, offs)``: x (S × in) has its rows sorted by expert, weight
+    is E × in × out and offs (E) the cumulative row count per expert, so expert e's rows are
+    offs[e-1] … offs[e] - 1 and out[r] = x[r] @ weight[e]. E is the weight's static first dimension: one
+    ``Gather`` of the rows and one ``MatMul`` per expert, concatenated (as transformers' own ONNX exporter
+    lowers ``aten._grouped_mm``); an expert with no rows gives an empty block."""
+    op, _ = _opsets()
+    experts = weight.shape[0]
+    if not isinstance(experts, int):
+        raise ValueError("grouped_mm_fallback: the number of experts must be static")
+    ends = op.Split(op.Cast(offs, to=7), axis=0, num_outputs=experts) if experts > 1 else [op.Cast(offs, to=7)]
+    weights = op.Split(weight, axis=0, num_outputs=experts) if experts > 1 else [weight]
+    axes, one, start = _const(op, [0]), op.Constant(value_int=1), op.Constant(value_int=0)
+    blocks = []
+    for end, w in zip(ends, weights):
+        end = op.Squeeze(end, axes)
+        rows = op.Gather(x, op.Range(start, end, one), axis=0)
+        blocks.append(op.MatMul(rows, op.Squeeze(w, axes)))
+        start = end
+    return op.Concat(*blocks, axis=0) if experts > 1 else blocks[0]
+
+
+def _custom_ops() -> dict:
+    """Third-party custom ops a captured model can hold, to their lowerings (those importable here)."""
+    grouped = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    return {grouped.default: _lower_grouped_mm} if grouped is not None else {}
+
+
 def translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export``: every quantized op to its ONNX lowering."""
-    return {op(s.name, layout): _lowering(s, layout) for s in SCHEMES.values() for layout in LAYOUTS}
+    """``custom_translation_table`` for ``torch.onnx.export``: every quantized op and every known custom op
+    (:func:`_custom_ops`) to its ONNX lowering."""
+    table = {op(s.name, layout): _lowering(s, layout) for s in SCHEMES.values() for layout in LAYOUTS}
+    table.update(_custom_ops())
+    return table
