@@ -72,14 +72,22 @@ def _select_target(target, sites: ModelSites, spec, method: str, experts: bool) 
         raise SpecError.at(target.span, f"{method} on the token embedding is not supported yet", spec.source)
     if target.kind == "role" and target.value == EXPERTS and not experts:
         raise SpecError.at(target.span, f"{method} on the stacked expert weights is not supported yet (lora "
-                           "adapts them)", spec.source)
+                           "adapts them, as HF PEFT 0.21 does only with a LoRA's target_parameters)", spec.source)
     found = _matches(target, _candidates(sites, experts))
     if not found and target.kind == "role":
         what = (": no mixture-of-experts block with stacked expert weights" if target.value == EXPERTS
                 else " linears")
-        raise SpecError.at(target.span, f"the model has no '{target.value}'{what}; it has "
-                           f"{sites.summary()}", spec.source)
+        raise SpecError.at(target.span, f"the model has no '{target.value}'{what}"
+                           f"{_experts_hint(target.value, sites, experts)}; it has {sites.summary()}", spec.source)
     return found
+
+
+def _experts_hint(word: str, sites: ModelSites, experts: bool) -> str:
+    """Where the MLPs are only stacked expert weights (Mixtral, Qwen3-MoE), say so: gate/up/down name linears."""
+    if word not in FFN_ROLES + ("ffn",) or not sites.experts:
+        return ""
+    how = "'lora experts' adapts" if experts else "only lora adapts ('lora experts')"
+    return f": its MLPs are stacked expert weights ({sites.experts[0].path}, ...), which {how}"
 
 
 def _union(a: Selection, b: Selection) -> Selection:

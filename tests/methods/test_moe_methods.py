@@ -89,3 +89,61 @@ def test_merged_experts_lora_exports_to_onnx_runtime(name, tmp_path):
     with torch.no_grad():
         expected = merged(ids, torch.ones_like(ids))
     assert_close(session.run(None, feed)[0], expected, rel=ONNX_RUNTIME, why="ONNX Runtime's kernels")
+
+
+@pytest.mark.parametrize("spec, hf_config", [
+    ("lora up, down r=4 alpha=8", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"])),
+    ("ia3 up, down", lambda: peft.IA3Config(target_modules=["up_proj", "down_proj"],
+                                            feedforward_modules=["down_proj"])),
+])
+def test_up_and_down_on_an_moe_block_are_its_dense_mlp_as_in_hf_peft(spec, hf_config, tmp_path):
+    """On Qwen2-MoE the MLP role words name the shared expert's linears, never the stacked experts: what HF
+    PEFT 0.21's target_modules=["up_proj", "down_proj"] adapts on it (IA3: down scales its input). Both ways
+    through the files; the adapters are given live values first (IA3's ones and LoRA's zero B are the base)."""
+    compiled = peftc.compile(shared("qwen2_moe"), spec, seed=0)
+    assert [r.site.path for r in compiled.records] == [f"model.layers.{i}.mlp.shared_expert.{p}_proj"
+                                                      for i in range(2) for p in ("up", "down")]
+    randomize_adapters(compiled, seed=1, scale=0.3)
+    if spec.startswith("ia3"):          # scales around one, as trained IA3 vectors are
+        with torch.no_grad():
+            for param in compiled.adapter_parameters().values():
+                param.add_(1.0)
+    ours = logits(compiled)
+    assert_differs(ours, logits(shared("qwen2_moe")), rel=100 * SAME_FUNCTION, why="live adapters")
+    compiled.save_hf_peft(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(fresh("qwen2_moe"), str(tmp_path / "ours")).eval()
+    assert_close(ours, logits(theirs), rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")
+    assert not [m for m in theirs.modules() if type(m).__name__ == "ParamWrapper"]    # no expert adapted
+
+    hf = peft.get_peft_model(fresh("qwen2_moe"), hf_config())
+    randomize_adapters_hf(hf)
+    hf.save_pretrained(tmp_path / "theirs")
+    loaded = peftc.load_hf_peft(shared("qwen2_moe"), tmp_path / "theirs")
+    assert [r.site.path for r in loaded.records] == [r.site.path for r in compiled.records]
+    assert_close(logits(loaded), logits(hf), rel=SAME_FUNCTION, why="HF PEFT's files read into peftc's spec")
+
+
+def randomize_adapters_hf(hf) -> None:
+    """HF PEFT's LoRA B and IA3 vectors start as the base model: give every trainable tensor live values."""
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("lora up, down", ("no 'up' linears", "stacked expert weights (model.layers.0.mlp.experts.gate_up_proj",
+                       "which 'lora experts' adapts")),
+    ("ia3 down", ("no 'down' linears", "which only lora adapts ('lora experts')")),
+    ("ia3 experts", ("ia3 on the stacked expert weights is not supported yet",
+                     "as HF PEFT 0.21 does only with a LoRA")),
+])
+def test_where_the_mlps_are_only_experts_the_error_names_them(spec, words):
+    """Mixtral's MLPs are only stacked expert weights: HF PEFT 0.21's target_modules=["up_proj", "down_proj"]
+    matches nothing there (its w1/w2/w3 map onto the stacked weights, as 'lora experts'), and its IA3 has no
+    target_parameters; peftc refuses and says which part of the model the words could not reach."""
+    with pytest.raises(peftc.SpecError) as info:
+        peftc.compile(shared("mixtral"), spec)
+    message = str(info.value)
+    assert all(w in message for w in words), message
