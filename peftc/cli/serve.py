@@ -65,7 +65,7 @@ def cmd_serve(args) -> int:
         raise PeftcError("peftc serve needs FastAPI and uvicorn: pip install 'peftc[serve]'") from None
     adapters = adapters_of(args.adapter, exported_model(args.out))
     listener = listen(args.host, args.port)
-    with tempfile.TemporaryDirectory(prefix="peftc-serve-") as workdir:
+    with listener, tempfile.TemporaryDirectory(prefix="peftc-serve-") as workdir:
         engine = None
         if adapters:
             with step(f"loading {len(adapters)} adapters into one bank"
