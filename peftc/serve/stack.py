@@ -156,13 +156,16 @@ class _Emitter:
         self.nodes.append(node)
         return node
 
-    def rows(self, x: Node, rank: int, batch: Node, features: int) -> Node:
-        """``x`` as (batch, L, features): itself when 3-D, else its (batch · L, features) flattening viewed."""
+    def rows(self, x: Node, rank: int, ids: Node, features: int) -> Node:
+        """``x`` as (batch, sequence, features): itself when 3-D, else its (batch · sequence, features) flattening
+        (GPT-2's Conv1D) viewed with the sizes of ``ids`` (a -1 there would have torch.export divide symbols,
+        which took it minutes on tiny GPT-2)."""
         if rank == 3:
             return x
         if rank != 2:
             raise PeftcError(f"a bank cannot stack an adapter on {x.name}: its features are {rank}-D")
-        return self(aten.reshape.default, x, [batch, -1, features])
+        sizes = [self(aten.sym_size.int, ids, 0), self(aten.sym_size.int, ids, 1), features]
+        return self(aten.reshape.default, x, sizes)
 
     def back(self, y: Node, rank: int, features: int) -> Node:
         return y if rank == 3 else self(aten.reshape.default, y, [-1, features])
@@ -180,8 +183,7 @@ def _stack_lora(ctx: CompileContext, site: LinearSite, pairs, task_ids: Node, sp
     emit = _Emitter(graph, "lora", span)
     with graph.inserting_before(tip.next):
         a, b = emit.attr(f"{module}.lora_A"), emit.attr(f"{module}.lora_B")
-        batch = emit(aten.sym_size.int, task_ids, 0)
-        rows = emit.rows(x, source.meta["val"].dim(), batch, site.in_features)
+        rows = emit.rows(x, source.meta["val"].dim(), _input_ids(graph), site.in_features)
         down = emit(aten.bmm.default, rows, emit(aten.index_select.default, a, 0, task_ids))
         up = emit(aten.bmm.default, down, emit(aten.index_select.default, b, 0, task_ids))
         total = emit(aten.add.Tensor, tip, emit.back(up, linear.meta["val"].dim(), site.out_features))
@@ -204,13 +206,12 @@ def _stack_ia3(ctx: CompileContext, site: LinearSite, scales, task_ids: Node, sp
     emit = _Emitter(graph, "ia3", span)
     with graph.inserting_before(linear if feedforward else anchor.next):
         table = emit.attr(f"{module}.ia3_l")
-        batch = emit(aten.sym_size.int, task_ids, 0)
         own = emit(aten.unsqueeze.default, emit(aten.index_select.default, table, 0, task_ids), 1)
         source = anchor
         if adapter != base:
             source = emit(aten._to_copy.default, anchor)
             source.kwargs = {"dtype": adapter}
-        scaled = emit.back(emit(aten.mul.Tensor, emit.rows(source, rank, batch, features), own), rank, features)
+        scaled = emit.back(emit(aten.mul.Tensor, emit.rows(source, rank, _input_ids(graph), features), own), rank, features)
         if adapter != base:
             scaled = emit(aten._to_copy.default, scaled)
             scaled.kwargs = {"dtype": base}
@@ -218,3 +219,7 @@ def _stack_ia3(ctx: CompileContext, site: LinearSite, scales, task_ids: Node, sp
         linear.replace_input_with(anchor, scaled)
     else:
         ctx.replace_output(site.node, scaled, emit.nodes)
+
+
+def _input_ids(graph) -> Node:
+    return next(n for n in graph.nodes if n.op == "placeholder")
