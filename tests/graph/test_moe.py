@@ -238,3 +238,20 @@ def test_what_cannot_act_on_the_experts_is_refused(spec, words):
         peftc.compile(_shared(mixtral), spec)
     message = str(info.value)
     assert all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("build, names", [(mixtral, ["w1", "w2", "w3"]),
+                                          (qwen3_moe, ["gate_proj", "up_proj", "down_proj"])])
+def test_hf_peft_mlp_names_mapped_onto_the_experts_load_as_lora_experts(build, names, tmp_path):
+    """HF PEFT 0.21 maps these target_modules onto the stacked weights (transformers 4's per-expert linears:
+    gate and up fused at rank 2r, alpha 2·alpha) and writes target_parameters; peftc reads the file as LoRAs
+    on the stacked weights, with equal logits (peftc's own gate/up/down name linears, which these models lack)."""
+    hf = peft.get_peft_model(_seeded(build), peft.LoraConfig(r=2, lora_alpha=4, target_modules=names,
+                                                             init_lora_weights=False))
+    expected = _logits(hf)
+    hf.save_pretrained(tmp_path)
+    loaded = peftc.load_hf_peft(_shared(build), tmp_path)
+    assert sorted((r.site.path, r.r, r.alpha) for r in loaded.records) == sorted(
+        (f"model.layers.{i}.mlp.experts.{p}", r, a) for i in range(2) for p, r, a in (("gate_up_proj", 4, 8.0),
+                                                                                     ("down_proj", 2, 4.0)))
+    assert_close(loaded(IDS), expected, rel=SAME_FUNCTION, why="HF PEFT's files read into peftc's spec")
