@@ -56,8 +56,8 @@ def adapters_of(values: list[str], base: str | None) -> dict[str, str]:
 
 
 def cmd_serve(args) -> int:
-    if args.max_batch < 1 or args.queue < 0 or args.timeout <= 0:
-        raise PeftcError("--max-batch must be at least 1, --queue at least 0 and --timeout positive")
+    if args.max_batch < 1 or args.queue < 1 or args.timeout <= 0:
+        raise PeftcError("--max-batch and --queue must be at least 1, and --timeout positive")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401

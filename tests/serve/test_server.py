@@ -262,8 +262,9 @@ def _collector():
 
 
 def test_a_request_joins_a_running_batch_and_one_past_its_timeout_fails(genai, tokenizer):
-    """The second request joins while the first decodes (one step of two rows), and both give their tokens
-    alone; a request past its deadline fails with 504 before it is decoded."""
+    """The second request joins while the first decodes (steps of two rows, then of one when it has left), and
+    both give their tokens alone; a cancelled request leaves the batch without finishing its 400 tokens; a
+    request past its deadline fails with 504 before it is decoded."""
     engine = Recording(OnnxStep(genai / "model.onnx"), 512)
     engine.sizes = []
     scheduler = Scheduler(engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), [EOS])
@@ -276,6 +277,16 @@ def test_a_request_joins_a_running_batch_and_one_past_its_timeout_fails(genai, t
         time.sleep(0.001)
     scheduler.submit(Request(BASE, second, 5, emit2, temperature=0))
     assert done1.wait(30) and done2.wait(30)
+    cancelled_events, _, emit = _collector()
+    cancelled = Request(BASE, first, 400, emit, temperature=0)
+    scheduler.submit(cancelled)
+    while not cancelled_events:
+        time.sleep(0.001)
+    cancelled.cancel()
+    deadline = time.monotonic() + 30
+    while scheduler.busy and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert scheduler.busy == 0 and not any(isinstance(e, Done) for e in cancelled_events)
     scheduler.timeout = 1e-9
     events3, done3, emit3 = _collector()
     scheduler.submit(Request(BASE, second, 5, emit3, temperature=0))
@@ -285,7 +296,8 @@ def test_a_request_joins_a_running_batch_and_one_past_its_timeout_fails(genai, t
         assert "".join(e.text for e in events if isinstance(e, Delta)) == \
             tokenizer.decode(alone(genai, ids, new), skip_special_tokens=True)
         assert isinstance(events[-1], Done)
-    assert 2 in engine.sizes and engine.sizes.index(2) > 1 and engine.sizes[-1] == 1
+    joined = engine.sizes.index(2)
+    assert joined > 1 and 1 in engine.sizes[joined:]
     assert isinstance(events3[-1], Failed) and events3[-1].error.status == 504
 
 
