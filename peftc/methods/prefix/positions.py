@@ -17,7 +17,7 @@ from peftc.methods.prefix.attention import Emit, attention_calls
 aten = torch.ops.aten
 ARANGE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 INT_DTYPES = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
-TRIG_OPS = {aten.cos.default, aten.sin.default}                     # a rotary embedding
+TRIG_OPS = {aten.cos.default, aten.sin.default, aten.polar.default}   # a rotary embedding (complex: polar)
 LOOKUP_OPS = {aten.embedding.default, aten.index.Tensor, aten.index_select.default, aten.gather.default}
 
 
@@ -48,7 +48,7 @@ def _from_inputs(gm: GraphModule) -> set[Node]:
 
 
 def _position_uses(gm: GraphModule) -> list[Node]:
-    """What position ids become: a ``cos``/``sin``, or a lookup in a constant table."""
+    """What position ids become: a ``cos``/``sin`` (or a complex ``polar``), or a lookup in a constant table."""
     varying = _from_inputs(gm)
     return [node for node in gm.graph.nodes if node.op == "call_function" and (
         node.target in TRIG_OPS or (node.target in LOOKUP_OPS and node.args[0] not in varying))]
