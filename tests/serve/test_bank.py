@@ -65,7 +65,8 @@ def alone(model, row: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_lora_rows_equal_hf_peft_mixed_batch(tmp_path):
     """HF PEFT loads each of peftc's LoRA directories as a named adapter and runs the batch with
-    adapter_names; the bank's rows (left padding included, positions from the mask) give its logits."""
+    adapter_names; the bank's rows (left padding included, positions from the mask) give its logits, in torch
+    and from the bank's ONNX decoder."""
     base = peftc.load_model("tiny-gpt2")
     dirs, _ = run_dirs(tmp_path, "tiny-gpt2", base, GPT2_SPECS)
     bank = AdapterBank.load(base, dirs)
@@ -85,6 +86,14 @@ def test_lora_rows_equal_hf_peft_mixed_batch(tmp_path):
     assert_differs(ours[adapted][keep[adapted]], plain[adapted][keep[adapted]], rel=1e-2, why="live adapters")
     assert_close(ours[~adapted][keep[~adapted]], plain[~adapted][keep[~adapted]], rel=SAME_FUNCTION,
                  why="base rows gather zero factors")
+    # the exported decoder on the same batch: GPT-2's Conv1D reads flattened (batch · sequence) inputs, which
+    # the stacked branches view per row
+    bank.export_onnx(tmp_path / "onnx")
+    engine = OnnxEngine(tmp_path / "onnx")
+    past, start = join_starts(engine, names)
+    onnx_logits, _ = engine(ids.numpy(), np.concatenate([start, mask.numpy()], 1), past, engine.task_ids(names))
+    assert_close(torch.from_numpy(onnx_logits)[keep], theirs[keep], rel=SAME_FUNCTION,
+                 why="ONNX Runtime's kernels and HF PEFT's modules sum in other orders")
 
 
 @pytest.mark.slow
