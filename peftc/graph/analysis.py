@@ -55,6 +55,9 @@ class LinearSite:
     slices: dict[str, tuple[int, ...]] | None = None
     #: stacked expert weights (kind "experts", W experts × out × in): how many experts; 0 for a linear
     experts: int = 0
+    #: for the projections of an attention: ``self``, or ``cross`` (keys and values from another input:
+    #: an encoder-decoder's decoder attending over the encoder); None elsewhere
+    attention: str | None = None
 
     @property
     def fused(self) -> bool:
@@ -178,16 +181,7 @@ def analyze(gm: GraphModule) -> ModelSites:
         return [n.name for n in sorted((n for n in found if n.name in by_node), key=position.__getitem__)]
 
     node_of = {n.name: n for n in linear_nodes}
-    labels: dict[str, set[str]] = {}
-    feeds: dict[str, dict[str, list[Node]]] = {}
-    for attn in attentions:
-        for role, arg in zip("qkv", (attn.q, attn.k, attn.v)):
-            for name in feeding(arg):
-                labels.setdefault(name, set()).add(role)
-                feeds.setdefault(name, {}).setdefault(role, []).append(arg)
-        for n in reach(attn.output):
-            if n.name in by_node:
-                labels.setdefault(n.name, set()).add("o")
+    labels, feeds = _label_attentions(attentions, feeding, reach, node_of, by_node)
     probes = []
     for name, roles in sorted(labels.items(), key=lambda item: position[node_of[item[0]]]):
         if len(roles) == 1:
@@ -210,6 +204,26 @@ def analyze(gm: GraphModule) -> ModelSites:
     return ModelSites(linears=sites, n_layers=max((s.layer for s in sites if s.layer is not None), default=-1) + 1,
                       embed=embed, embed_path=embed_path, attention_count=len(attentions), by_node=by_node,
                       experts=_experts(nodes, gm, backward, routing))
+
+
+def _label_attentions(attentions, feeding, reach, node_of: dict[str, Node], by_node: dict[str, LinearSite]):
+    """The roles (q, k, v, o) each linear plays in the attentions, the attention inputs it feeds per role,
+    and each projection's :attr:`LinearSite.attention`: ``cross`` when the key projections read other
+    inputs than the query projections (a decoder attending over the encoder's output), else ``self``."""
+    labels: dict[str, set[str]] = {}
+    feeds: dict[str, dict[str, list[Node]]] = {}
+    for attn in attentions:
+        q, k = ({input_of(node_of[n], by_node[n].kind) for n in feeding(a)} for a in (attn.q, attn.k))
+        kind = "cross" if q and k and q.isdisjoint(k) else "self"
+        for role, arg in zip("qkv", (attn.q, attn.k, attn.v)):
+            for name in feeding(arg):
+                labels.setdefault(name, set()).add(role)
+                feeds.setdefault(name, {}).setdefault(role, []).append(arg)
+                by_node[name].attention = by_node[name].attention or kind
+        for name in (n.name for n in reach(attn.output) if n.name in by_node):
+            labels.setdefault(name, set()).add("o")
+            by_node[name].attention = by_node[name].attention or kind
+    return labels, feeds
 
 
 def _experts(nodes: list[Node], gm: GraphModule, backward: nx.DiGraph, routing: set[Node]) -> list[LinearSite]:

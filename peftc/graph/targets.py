@@ -120,6 +120,9 @@ def select(statement, sites: ModelSites, spec, *, experts: bool = False) -> list
     layers = statement.options.get("layers")
     if layers is not None:
         chosen = {k: s for k, s in chosen.items() if s.site.layer is not None and layers.contains(s.site.layer)}
+    attn = statement.options.get("attn")
+    if attn is not None:
+        chosen = {k: s for k, s in chosen.items() if s.site.attention in (None, attn)}
     for target in statement.options.get("exclude") or ():
         for found in _matches(target, candidates):
             node = found.site.node

@@ -120,5 +120,8 @@ class MethodSpec:
 
 LAYERS = OptionSpec("layers", "layers", None, "layer indices and inclusive ranges to act on, e.g. 0..3,8; "
                     "default every layer")
+ATTN = OptionSpec("attn", "name", None, "only the projections of self-attentions (self) or of cross-attentions "
+                  "(cross: an encoder-decoder's decoder attending over the encoder); other targets are kept; "
+                  "default both", choices=("self", "cross"))
 EXCLUDE = OptionSpec("exclude", "targets", None, "targets to leave out, in the same forms as the "
                      "statement's targets (role words, \"globs\", /regexes/)")

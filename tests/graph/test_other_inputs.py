@@ -1,6 +1,6 @@
 """Models whose inputs are not (input_ids, attention_mask): encoder-decoders (T5, BART) and a vision
-classifier (ViT) are captured with their own signature, and LoRA and IA3 on them equal HF PEFT loading
-peftc's files; merged, they export to ONNX and run in ONNX Runtime."""
+classifier (ViT) are captured with their own signature, and LoRA and IA3 on them (and a soft prompt on the
+encoder-decoders' encoder) equal HF PEFT loading peftc's files; merged, they export to ONNX Runtime."""
 import pytest
 import torch
 import transformers as T
@@ -54,13 +54,13 @@ def hf_outputs(model, feeds):
         return model(**feeds).logits
 
 
-@pytest.mark.parametrize("name", ["t5", "bart", "vit"])
-@pytest.mark.parametrize("spec", ["lora q, v r=4 alpha=8", "ia3 k, v, down"])
+@pytest.mark.parametrize("name, spec", [(name, spec) for name in BUILD for spec in ("lora q, v r=4 alpha=8", "ia3 k, v, down")]
+                         + [("t5", "prompt tokens=4"), ("bart", "prompt tokens=4")])
 @pytest.mark.slow
 def test_lora_and_ia3_equal_hf_peft_through_its_files(name, spec, tmp_path):
     model = peftc.compile(built(name), spec)
     assert model.signature.names == SIGNATURES[name] and model.kind == KINDS[name]
-    randomize_adapters(model, scale=0.1)
+    randomize_adapters(model, scale=0.5)
     model.save_hf_peft(tmp_path)
     feeds = inputs(name)
     with torch.no_grad():
@@ -79,3 +79,21 @@ def test_merged_models_export_to_onnx_runtime(name, tmp_path):
     randomize_adapters(model, scale=0.1)
     result = peftc.export_onnx(model.merge(), tmp_path / f"{name}.onnx")
     assert_export_close(result)
+
+
+@pytest.mark.parametrize("name, cross", [("t5", "EncDecAttention"), ("bart", "encoder_attn")])
+@pytest.mark.slow
+def test_attn_selects_self_or_cross_attention_and_equals_hf_peft(name, cross, tmp_path):
+    """Cross-attention is found from the dataflow (its keys read another input than its queries), not from
+    these module names; HF PEFT reaches the same modules through the paths peftc's file lists."""
+    model = peftc.compile(built(name), "lora q, v r=4 attn=cross")
+    assert len(model.records) == 4 and all(cross in r.key for r in model.records)
+    selfish = peftc.compile(built(name), "lora q, v, up r=4 attn=self")
+    assert len(selfish.records) == 12 and not any(cross in r.key for r in selfish.records)
+    randomize_adapters(model, scale=0.5)
+    model.save_hf_peft(tmp_path)
+    feeds = inputs(name)
+    with torch.no_grad():
+        ours = model(**feeds)
+    theirs = hf_outputs(PeftModel.from_pretrained(built(name), str(tmp_path)).eval(), feeds)
+    assert_close(ours, theirs, rel=SAME_FUNCTION, why="HF PEFT's modules sum in another order")

@@ -1,4 +1,4 @@
 """The ``full`` statement's syntax: its targets and options, with their help text."""
-from peftc.lang.options import EXCLUDE, LAYERS, MethodSpec
+from peftc.lang.options import ATTN, EXCLUDE, LAYERS, MethodSpec
 
-METHOD = MethodSpec("full", "plain fine-tuning of the selected weights", (LAYERS, EXCLUDE), targets="required")
+METHOD = MethodSpec("full", "plain fine-tuning of the selected weights", (LAYERS, ATTN, EXCLUDE), targets="required")

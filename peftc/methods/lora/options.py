@@ -1,5 +1,5 @@
 """The ``lora`` statement's syntax: its targets and options, with their help text."""
-from peftc.lang.options import EXCLUDE, LAYERS, MethodSpec, OptionSpec
+from peftc.lang.options import ATTN, EXCLUDE, LAYERS, MethodSpec, OptionSpec
 
 METHOD = MethodSpec("lora", "low-rank update y = W x + s·B(A(dropout(x))), s = alpha/r (HF PEFT LoraConfig)", (
     OptionSpec("r", "int", 8, "rank of the update", min=1),
@@ -13,4 +13,4 @@ METHOD = MethodSpec("lora", "low-rank update y = W x + s·B(A(dropout(x))), s = 
                "both Kaiming-uniform, so a fresh adapter already changes the model (init_lora_weights="
                "False, for checking merge and export before training)",
                choices=("zero", "gaussian", "random")),
-    LAYERS, EXCLUDE), targets="required")
+    LAYERS, ATTN, EXCLUDE), targets="required")

@@ -193,7 +193,8 @@ def _extend_bias(emit: Emit, bias: Node, tokens: int) -> Node:
         node = frontier.pop()
         if node not in needed:
             needed.add(node)
-            frontier.extend(node.all_input_nodes)
+            if node.target is not aten.sym_size.int:     # a size (the batch) is not a value the bias reads
+                frontier.extend(node.all_input_nodes)
     sources = [n for n in needed if n.op == "placeholder"]
     if len(sources) != 1:
         raise PassError(f"cannot extend the attention bias {bias.name}: it reads {len(sources)} inputs, not "

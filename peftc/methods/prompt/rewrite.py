@@ -31,6 +31,7 @@ from peftc.lang.diagnostics import SpecError, check_allocation
 from peftc.errors import ModelError
 from peftc.models import load_tokenizer
 from peftc.compiler.passmanager import CompileContext, Pass, PassResult, register
+from peftc.graph.signature import DECODER, SIGNATURE, TEXT, Signature
 
 aten = torch.ops.aten
 END = 2 ** 62   # "to the end" for aten.slice
@@ -122,12 +123,13 @@ class PromptPass(Pass):
             rest = emit(aten.slice.Tensor, site, 1, tokens, END)
             joined = emit(aten.cat.default, [rows, rest], 1)
         site.replace_all_uses_with(joined, delete_user_cb=lambda u: u not in inserted)
-        # 3. the output drops the prompt's positions
+        # 3. the output drops the prompt's positions (an encoder-decoder's output is the decoder's: it has none)
         output = next(n for n in graph.nodes if n.op == "output")
-        with graph.inserting_before(output):
-            def drop(node: Node) -> Node:
-                return emit(aten.slice.Tensor, node, 1, tokens, END)
-            output.args = map_arg(output.args, drop)
+        if DECODER not in _signature(gm).names:
+            with graph.inserting_before(output):
+                def drop(node: Node) -> Node:
+                    return emit(aten.slice.Tensor, node, 1, tokens, END)
+                output.args = map_arg(output.args, drop)
         record.nodes = [n.name for n in inserted]
         ctx.records.append(record)
         return PassResult(gm, modified=True)
@@ -141,9 +143,9 @@ class PromptPass(Pass):
             first = ctx.spec.statements[earlier[0].statement]
             raise SpecError.at(statement.span, f"a spec takes one prompt statement; line {first.span.line} "
                                "already has one", ctx.spec.source)
-        placeholders = [n for n in ctx.gm.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in ctx.gm.graph.nodes if n.op == "placeholder"][:2]
         embed = _token_embedding(ctx.gm, ctx.sites.embed, placeholders[0] if placeholders else None)
-        if len(placeholders) != 2 or embed is None:
+        if not _signature(ctx.gm).text or embed is None:
             raise SpecError.at(statement.span, "prompt needs a model whose graph looks up a token embedding "
                                "with input_ids; this one has none", ctx.spec.source)
         return placeholders, embed
@@ -172,6 +174,11 @@ class PromptPass(Pass):
                                "depends on more than the ids); leave init out for a random prompt",
                                ctx.spec.source)
         return rows.to(torch.float32)
+
+
+def _signature(gm: GraphModule) -> Signature:
+    """The captured inputs (a graph from before signatures were recorded takes text)."""
+    return gm.meta.get(SIGNATURE) or Signature(TEXT, "causal-lm", "logits")
 
 
 def _in_module(node: Node, key: str) -> bool:
