@@ -6,7 +6,8 @@ adapters of a bank (LoRA, IA3, a soft prompt, a prefix: rows of different prefix
 a 4xx status; SIGTERM lets a running stream finish and the command exits 0.
 
 The model is tiny-llama; its export carries a tokenizer of one character per id (every id of the 512-token
-vocabulary a distinct character, with a chat template), so a text compares token for token."""
+vocabulary a distinct character, with a chat template), so a text compares token for token. Every test but
+the one of command errors needs that export (11 s once), so they are marked slow."""
 import contextlib
 import functools
 import json
@@ -137,6 +138,7 @@ def streamed(chunks, chat: bool = False) -> tuple[str, str | None]:
     return text, reason
 
 
+@pytest.mark.slow
 def test_models_are_listed(client):
     assert [m.id for m in client.models.list()] == ["tiny-llama"]
     assert client.models.retrieve(BASE).id == BASE
@@ -144,6 +146,7 @@ def test_models_are_listed(client):
         client.models.retrieve("nope")
 
 
+@pytest.mark.slow
 def test_greedy_completions_equal_each_prompt_decoded_alone(client, genai, tokenizer):
     """Plain and streamed, under the base's name and as __base__; usage counts the prompt's and the new tokens."""
     for i, prompt in enumerate(PROMPTS[:4]):
@@ -160,6 +163,7 @@ def test_greedy_completions_equal_each_prompt_decoded_alone(client, genai, token
         assert chunks[-1].usage.completion_tokens == n
 
 
+@pytest.mark.slow
 def test_chat_completions_use_the_tokenizers_template(client, genai, tokenizer):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -172,6 +176,7 @@ def test_chat_completions_use_the_tokenizers_template(client, genai, tokenizer):
     assert streamed(chunks, chat=True)[0] == text
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_requests_are_each_decoded_as_alone(client, genai, tokenizer):
     """16 threads, prompts of 2 to 25 tokens, 3 to 18 new tokens, half streamed, 4 rows a step at most."""
     jobs = [(PROMPTS[i % len(PROMPTS)] + " x" * (i % 3), 3 + i, i % 2 == 1) for i in range(16)]
@@ -186,6 +191,7 @@ def test_sixteen_concurrent_requests_are_each_decoded_as_alone(client, genai, to
     assert got == [expected_text(genai, tokenizer, tokenizer(p)["input_ids"], n)[0] for p, n, _ in jobs]
 
 
+@pytest.mark.slow
 def test_a_stop_string_ends_the_text_before_it(client, genai, tokenizer):
     ids = tokenizer(PROMPTS[1])["input_ids"]
     full, _ = expected_text(genai, tokenizer, ids, 20)
@@ -198,6 +204,7 @@ def test_a_stop_string_ends_the_text_before_it(client, genai, tokenizer):
         assert (text, reason) == (full[:full.index(stop)], "stop")
 
 
+@pytest.mark.slow
 def test_sampling_follows_seed_and_top_p(client, genai, tokenizer):
     """A seeded request gives the same text alone and beside others; a nucleus of one token is greedy."""
     def ask(seed, **kw):
@@ -221,6 +228,7 @@ def _post(base_url: str, path: str, data: bytes) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors(client):
     url = str(client.base_url).rstrip("/")
     status, body = _post(url, "/completions", b'{"model": "tiny-llama", "prompt": ')
@@ -246,6 +254,7 @@ def test_bad_requests_get_openai_errors(client):
         client.completions.create(model="tiny-llama", prompt=[5, 600])
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429(genai):
     with serving(open_service(genai, queue=0)) as c:
         with pytest.raises(openai.RateLimitError, match="queue is full"):
@@ -271,6 +280,7 @@ def _collector():
     return events, done, emit
 
 
+@pytest.mark.slow
 def test_a_request_joins_a_running_batch_and_one_past_its_timeout_fails(genai, tokenizer):
     """The second request joins while the first decodes (steps of two rows, then of one when it has left), and
     both give their tokens alone; a cancelled request leaves the batch without finishing its 400 tokens; a
@@ -377,12 +387,13 @@ def test_the_command_serves_and_exits_0_on_sigterm(genai, tokenizer):
     assert "Traceback" not in proc.stderr.read()
 
 
-def test_command_errors_are_one_line(tmp_path, genai, capsys):
+def test_command_errors_are_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--port", "0"]) == 1
     assert "is not a 'peftc export --genai' directory" in capsys.readouterr().err
-    assert main(["serve", str(genai), "--adapter", "tiny-llama=" + str(tmp_path)]) == 1
+    (tmp_path / "peftc.json").write_text('{"model": "tiny-llama"}')        # what an export names
+    assert main(["serve", str(tmp_path), "--adapter", "tiny-llama=" + str(tmp_path)]) == 1
     assert "taken by the base model" in capsys.readouterr().err
-    assert main(["serve", str(genai), "--adapter", "nameless"]) == 1
+    assert main(["serve", str(tmp_path), "--adapter", "nameless"]) == 1
     err = capsys.readouterr().err
     assert "expected NAME=DIR" in err and len(err.strip().splitlines()) == 1
 
