@@ -75,11 +75,17 @@ def format_for(model) -> Format:
     return fmt
 
 
+def task_type(model) -> str | None:
+    """HF PEFT's task type for the model's kind. None (a plain PeftModel) for a model whose first input is not
+    token ids: HF PEFT's seq2seq model passes ``input_ids`` to Whisper, which takes ``input_features``."""
+    return TASK_TYPES[model.kind] if model.signature.names[0] == "input_ids" else None
+
+
 def save_hf_peft(model, directory: str | Path) -> Path:
     """Write the adapters of a compiled model in HF PEFT's format."""
     fmt = format_for(model)
     fields, tensors = fmt.save(model, adapter_records(model))
-    config = {"peft_type": fmt.peft_type, "task_type": TASK_TYPES[model.kind],
+    config = {"peft_type": fmt.peft_type, "task_type": task_type(model),
               "base_model_name_or_path": model.model_ref, "inference_mode": True, **fields}
     directory = Path(directory)
     save_tensors(directory / WEIGHTS, {k: v.detach().contiguous() for k, v in tensors.items()},
