@@ -35,7 +35,11 @@ def whisper():
         max_target_positions=32, decoder_start_token_id=1, pad_token_id=0))
 
 
-BUILD = {"t5": t5, "bart": bart, "vit": vit, "whisper": whisper}
+def t5_encoder():
+    return T.T5EncoderModel(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+
+
+BUILD = {"t5": t5, "bart": bart, "vit": vit, "whisper": whisper, "t5-encoder": t5_encoder}
 TEXT2TEXT = ("input_ids", "attention_mask", "decoder_input_ids")
 SIGNATURES = {"t5": TEXT2TEXT, "bart": TEXT2TEXT, "vit": ("pixel_values",),
               "whisper": ("input_features", "decoder_input_ids")}
@@ -56,6 +60,8 @@ def inputs(name):
                 "decoder_input_ids": torch.randint(0, 64, (3, 6), generator=g)}
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[0, :2] = 0                                    # a padded row
+    if name == "t5-encoder":
+        return {"input_ids": torch.randint(0, 64, (3, 9), generator=g), "attention_mask": mask}
     return {"input_ids": torch.randint(0, 64, (3, 9), generator=g), "attention_mask": mask,
             "decoder_input_ids": torch.randint(0, 64, (3, 6), generator=g)}
 
@@ -84,7 +90,7 @@ def test_lora_and_ia3_equal_hf_peft_through_its_files(name, spec, tmp_path):
         assert_close(model.merge()(**feeds), ours, rel=SAME_FUNCTION, why="a merged weight: one rounding")
 
 
-@pytest.mark.parametrize("name", ["t5", "bart", "vit", "whisper"])
+@pytest.mark.parametrize("name", ["t5", "bart", "vit", "whisper", "t5-encoder"])
 @pytest.mark.slow
 def test_merged_models_export_to_onnx_runtime(name, tmp_path):
     model = peftc.compile(built(name), "lora q, v r=4")
