@@ -12,7 +12,7 @@ from peftc.methods import METHODS
 from peftc.lang.spec import LayerSelection, Target, grammar_text, parse, parse_file, quote
 
 LORA_DEFAULTS = {"r": 8, "alpha": 8.0, "dropout": 0.0, "rslora": False, "init": "zero", "layers": None,
-                 "exclude": None}
+                 "attn": None, "exclude": None}
 
 
 def one(text: str):
