@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from peftc.export.attention_onnx import lower_sdpa
 from peftc.quant import nf4
 from peftc.quant.int8 import INV_127
 from peftc.quant.ops import LAYOUTS, SCHEMES, op, parse_op, split_args
@@ -159,7 +160,8 @@ def _custom_ops() -> dict:
 
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: every quantized op and every known custom op
-    (:func:`_custom_ops`) to its ONNX lowering."""
+    (:func:`_custom_ops`) to its ONNX lowering, and attention to peftc's (:mod:`peftc.export.attention_onnx`)."""
     table = {op(s.name, layout): _lowering(s, layout) for s in SCHEMES.values() for layout in LAYOUTS}
     table.update(_custom_ops())
+    table[torch.ops.aten.scaled_dot_product_attention.default] = lower_sdpa
     return table
