@@ -21,8 +21,12 @@ def outputs(model, ids):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("ref", ARCHS)
+# LLaMA's `lora q, v` and `lora all-linear` against HF PEFT are cells of test_matrix.py
+CASES = [(ref, spec) for ref in ARCHS for spec in SPECS
+         if not (ref == "tiny-llama" and spec.startswith(("lora q, v", "lora all-linear")))]
+
+
+@pytest.mark.parametrize("ref, spec", CASES)
 @pytest.mark.slow
 def test_hf_peft_gives_the_same_outputs_from_our_files(ref, spec, tiny, tmp_path):
     model = peftc.compile(tiny(ref), spec)
