@@ -227,6 +227,11 @@ def _config_and_class(directory: Path, ref: str):
         raise ModelError(f"cannot load model '{ref}' from {directory}: {exc}") from exc
     archs = config.architectures or []
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    # an encoder-decoder LM (T5, BART, Whisper) or an image classifier (ViT) keeps its head
+    from transformers import AutoModelForImageClassification, AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
+    for auto in (AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq, AutoModelForImageClassification):
+        if any(cls.__name__ in archs for cls in auto._model_mapping.values() if isinstance(cls, type)):
+            return config, auto
     return config, AutoModelForCausalLM if causal else AutoModel
 
 

@@ -11,14 +11,18 @@ import sys
 import time
 import types
 import typing
+from pathlib import Path
 
 from peftc.cli.loading import add_dtype_option
 from peftc.rundir import load_run, read_manifest
 from peftc.compiler.compiled import compile as compile_model
 from peftc.errors import PeftcError
 from peftc.fsutil import write_json
-from peftc.models import DEFAULT_MODEL, load_model
+from peftc.models import DEFAULT_MODEL, load_model, resolve
 from peftc.training.data import load_codec, read_jsonl
+from peftc.training.images import Pixels, accuracy, read_image_folder
+from peftc.training.seq2seq import Seq2SeqCachedDecoder, seq2seq_decoder_for
+from peftc.training.tasks import WHAT
 from peftc.export.genai import exported_model
 from peftc.training.generate import CachedDecoder, RecomputeDecoder, decoder_for, exact_match, greedy, \
     onnx_decoder, torch_logits
@@ -82,40 +86,77 @@ def cmd_train(args) -> int:
     if result.eval_loss is not None:
         summary += f", eval loss {result.eval_loss:.4f}"
     if result.seconds and result.tokens:
-        summary += f"; {result.tokens:,d} tokens in {result.seconds:.1f} s ({result.tokens_per_second:.1f} tok/s)"
+        unit = ("images", "images/s") if result.model.kind == "classifier" else ("tokens", "tok/s")
+        summary += (f"; {result.tokens:,d} {unit[0]} in {result.seconds:.1f} s "
+                    f"({result.tokens_per_second:.1f} {unit[1]})")
     print(summary)
     return 0
 
 
+def load_compiled(args, directory, manifest: dict, ref: str):
+    """(the compiled model of a trained directory, or of the base model with no adapter; its description)."""
+    if directory:
+        print(f"loading {ref} with the adapter in {directory} ...", file=sys.stderr, flush=True)
+        return load_run(directory, manifest, ref, args.dtype), f"{directory} on {ref}"
+    print(f"loading {ref} (no adapter) ...", file=sys.stderr, flush=True)
+    return compile_model(ref, "", dtype=args.dtype or "auto"), f"{ref} (base model, no adapter)"
+
+
 def load_decoder(args):
     """(decoder, model reference, description) for ``eval``/``generate``: an ONNX file, a trained
-    directory (adapter merged, KV-cache decoding when it folds), or the base model."""
+    directory (adapter merged, KV-cache decoding when it folds), or the base model; a causal LM or an
+    encoder-decoder."""
     directory, manifest, ref = read_manifest(args) if args.dir else (None, {}, args.model or DEFAULT_MODEL)
     if args.onnx:
         if directory:
             raise PeftcError("give a trained directory or --onnx, not both")
         decoder = onnx_decoder(args.onnx, args.runtime)
         return decoder, args.model or exported_model(args.onnx) or ref, f"{args.onnx} ({decoder.name})"
-    if directory:
-        print(f"loading {ref} with the adapter in {directory} ...", file=sys.stderr, flush=True)
-        model = load_run(directory, manifest, ref, args.dtype)
-        what = f"{directory} on {ref}"
-    else:
-        print(f"loading {ref} (no adapter) ...", file=sys.stderr, flush=True)
-        what = f"{ref} (base model, no adapter)"
-        if not args.recompute:
-            base = load_model(ref, args.dtype or "auto")
-            if getattr(base, "can_generate", lambda: False)():
-                return CachedDecoder(base), ref, what
-        model = compile_model(ref, "", dtype=args.dtype or "auto")
+    if not directory and not args.recompute:
+        base = load_model(ref, args.dtype or "auto")
+        if getattr(base, "can_generate", lambda: False)() and base.main_input_name == "input_ids":
+            decoder = Seq2SeqCachedDecoder(base) if base.config.is_encoder_decoder else CachedDecoder(base)
+            return decoder, ref, f"{ref} (base model, no adapter)"
+    model, what = load_compiled(args, directory, manifest, ref)
+    if model.kind == "seq2seq-lm" and model.signature.names[0] == "input_ids":
+        return seq2seq_decoder_for(model, args.recompute), ref, what
     if model.kind != "causal-lm":
-        raise PeftcError(f"'{ref}' is an encoder: eval and generate need a causal language model")
+        hint = (f"; 'peftc eval {args.dir or '--model ' + ref} --data FOLDER' reports its accuracy on images"
+                if model.kind == "classifier" else "")
+        raise PeftcError(f"'{ref}' is {WHAT.get(model.kind, model.kind)} reading {model.signature.names[0]}: "
+                         f"eval and generate decode text with a causal LM or a text encoder-decoder{hint}")
     if args.recompute:
         return RecomputeDecoder(torch_logits(model.eval())), ref, what
     return decoder_for(model), ref, what
 
 
+def eval_images(args) -> int:
+    """``peftc eval RUN --data FOLDER``: a classifier's top-1 accuracy on a folder of images."""
+    if args.onnx:
+        raise PeftcError("--onnx: an image classifier is evaluated in torch: give its trained directory")
+    directory, manifest, ref = read_manifest(args) if args.dir else (None, {}, args.model or DEFAULT_MODEL)
+    model, what = load_compiled(args, directory, manifest, ref)
+    if model.kind != "classifier":
+        raise PeftcError(f"--data {args.data} is a folder of images; '{ref}' is {WHAT.get(model.kind, model.kind)}, "
+                         "not an image classifier")
+    records, names = read_image_folder(args.data, model.config)
+    records = records[:args.limit] if args.limit else records
+    result = accuracy(model, records, names, Pixels(model.config, resolve(ref)[1]), args.batch_size)
+    wrong = [row for row in result.rows if row[1] != row[2]]
+    for record, predicted, expected in wrong[:args.show]:
+        print(f"BAD {record.path}: {predicted} (expected {expected})")
+    print(f"{what} on {args.data}: {result.summary()}")
+    if args.json:
+        write_json(args.json, {"model": ref, "what": what, "data": args.data, "correct": result.correct,
+                               "total": result.total, "accuracy": result.accuracy, "seconds": result.seconds,
+                               "rows": [{"image": r.path, "predicted": p, "expected": e, "ok": p == e}
+                                        for r, p, e in result.rows]})
+    return 0
+
+
 def cmd_eval(args) -> int:
+    if Path(args.data).is_dir():
+        return eval_images(args)
     records = read_jsonl(args.data)
     if args.limit:
         records = records[:args.limit]
@@ -170,14 +211,18 @@ def _inference_options(p: argparse.ArgumentParser) -> None:
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="compile a model with a spec and train the adapter on a JSONL file",
                        description="Train the parameters a spec inserts on JSONL data: one object a line, with "
-                                   "'text' (loss on every token) or 'prompt' and 'completion' (loss on the completion). "
-                                   "Under torchrun, trains with DDP; rank 0 writes.")
+                                   "'text' (loss on every token) or 'prompt' and 'completion' (loss on the completion; "
+                                   "on an encoder-decoder the prompt is the encoder's input and the completion the "
+                                   "decoder's labels). An image classifier trains on a folder of images, one "
+                                   "subfolder per class. Under torchrun, trains with DDP; rank 0 writes.")
     add_config_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="greedy-decode each prompt of a JSONL file; report exact match")
+    p = sub.add_parser("eval", help="greedy-decode each prompt of a JSONL file and report exact match, or a "
+                                    "classifier's accuracy on a folder of images")
     _inference_options(p)
-    p.add_argument("--data", required=True, help="JSONL with 'prompt' and 'completion'")
+    p.add_argument("--data", required=True, help="JSONL with 'prompt' and 'completion' (exact match), or a "
+                                                 "folder of images in class folders (a classifier's accuracy)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None,

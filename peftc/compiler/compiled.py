@@ -19,7 +19,7 @@ from peftc.models import build_model, checkpoint_dir, load_model
 from peftc.weights import Checkpoint, materialize, meta_constants, meta_tensors, transient_buffers_unmapped
 import peftc.methods.passes  # noqa: F401  (registers every method's pass and HF PEFT format)
 from peftc.compiler.passmanager import META_KEY, CompileContext, PassManager
-from peftc.errors import AdapterError
+from peftc.errors import AdapterError, ModelError
 from peftc.interop.adapter_file import FILE, load_adapter, save_adapter
 from peftc.interop.hf_peft import CONFIG, WEIGHTS, format_for, load_adapter_weights, save_hf_peft
 from peftc.lang.spec import Spec, parse, parse_file
@@ -67,8 +67,13 @@ def prepare(model: nn.Module | str, dtype: str = "auto", *, weights: bool = True
         model = build_model(ref, dtype) if built else load_model(ref, dtype)
         checkpoint = Checkpoint(directory) if directory else None
         timings["load"] = time.perf_counter() - start
-    captured = capture(model)
-    sites = _analyze_built(captured, model, checkpoint) if built else None
+    try:
+        captured = capture(model)
+    except ModelError:
+        if not built:
+            raise
+        captured = None                # ViT's pixels meet its meta weights in a cat: capture it with values
+    sites = _analyze_built(captured, model, checkpoint) if built and captured is not None else None
     if built and sites is None:        # the graph needs values the meta device has not: capture it with them
         model = load_model(ref, dtype) if weights else build_model(ref, dtype, meta=False)
         checkpoint, captured = None, capture(model)

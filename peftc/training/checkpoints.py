@@ -42,10 +42,18 @@ def step_dirs(out: Path) -> list[Path]:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes; of a folder (of images), of each file's relative path and bytes, in
+    sorted order, hidden names left out."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    path = Path(path)
+    files = [path] if not path.is_dir() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for file in files:
+        if file != path:
+            digest.update(str(file.relative_to(path).as_posix()).encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -51,7 +51,8 @@ def required(help: str = "", **cli):
 @dataclass
 class TrainConfig:
     spec: str = required("the spec file (.peft) whose inserted parameters are trained", flag=None)
-    data: str = required("JSONL training data")
+    data: str = required("JSONL training data, or for an image classifier a folder of images in one "
+                         "subfolder per class")
     out: str = required("directory for the adapter, checkpoints, train.log and loss.png; a non-empty one "
                         "needs --resume or --overwrite")
     model: str = option(DEFAULT_MODEL, "model reference (default %(default)s)")

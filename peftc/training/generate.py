@@ -126,6 +126,10 @@ def onnx_decoder(path: str | Path, runtime: str = "auto"):
         raise PeftcError(f"ONNX file '{path}' does not exist")
     import onnx
     inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+    other = [name for name in inputs if name in ("decoder_input_ids", "pixel_values", "input_features")]
+    if other:
+        raise PeftcError(f"'{path}' takes {other[0]}: --onnx decodes causal language models only; evaluate an "
+                         "encoder-decoder or a classifier from its trained directory (in torch)")
     if any(name.startswith("past_key_values.") for name in inputs):
         return OnnxCachedDecoder(path)
     return RecomputeDecoder(onnx_logits(path), "onnxruntime (no KV cache: re-runs the sequence)")

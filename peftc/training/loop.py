@@ -19,8 +19,7 @@ from peftc.fsutil import replace_dir
 from peftc.lang.spec import parse_file
 from peftc.training.checkpoints import find_checkpoint, resume, run_identity, save_checkpoint
 from peftc.training.config import CHECKPOINTS, TrainConfig, TrainError
-from peftc.training.data import IGNORE, Example, collate, load_codec, read_jsonl, split_eval, step_indices, \
-    steps_for_epochs, tokenize
+from peftc.training.data import step_indices, steps_for_epochs
 from peftc.training.distributed import Dist, all_reduce_sum, say, setup_distributed, synchronised_parameters, \
     teardown_distributed, wrap_ddp
 from peftc.training.headloss import head_split
@@ -28,6 +27,7 @@ from peftc.training.loss import token_loss_sum
 from peftc.training.outputs import TrainLog, write_outputs
 from peftc.training.rundir import clean_temporaries, prepare_out
 from peftc.training.schedule import lr_at
+from peftc.training.tasks import Task, task_for
 
 
 @dataclass
@@ -56,9 +56,9 @@ class _Run:
     work: Path                        #: where the run is written (``out``, or its staging directory)
     out: Path
     spec: object
-    pad_id: int
-    train_set: list[Example]
-    eval_set: list[Example]
+    task: Task                        #: what is trained: the data's examples, batches, inputs and loss
+    train_set: list
+    eval_set: list
     global_batch: int
     total: int
     identity: dict
@@ -157,11 +157,8 @@ def _setup(config: TrainConfig, dist_info: Dist) -> _Run:
     compile), compile the model and build the optimizer, resume, and wrap the model for the steps."""
     work, out = prepare_out(config, dist_info)
     spec = parse_file(config.spec)
-    records = read_jsonl(config.data)
-    train_records, eval_records = split_eval(records, config.eval_split, config.seed)
-    codec = load_codec(config.model)
-    train_set = tokenize(train_records, codec, config.max_length, config.chat)
-    eval_set = tokenize(eval_records, codec, config.max_length, config.chat)
+    task = task_for(config)
+    train_set, eval_set = task.examples(config)
     global_batch = config.batch_size * config.grad_accum * dist_info.world
     total = config.steps or steps_for_epochs(config.epochs or 1.0, len(train_set), global_batch)
     identity = run_identity(config, spec.format(), dist_info.world, total)
@@ -169,8 +166,8 @@ def _setup(config: TrainConfig, dist_info: Dist) -> _Run:
     # before the (slow) compile: a checkpoint that does not fit these options is refused at once
     found = find_checkpoint(work, identity, dist_info) if config.resume else None
     device = _device(config, dist_info)
-    model, params, optimizer = _build_model(config, spec, dist_info, device)
-    run = _Run(config, dist_info, work, out, spec, codec.pad_id, train_set, eval_set, global_batch, total,
+    model, params, optimizer = _build_model(config, spec, dist_info, device, task)
+    run = _Run(config, dist_info, work, out, spec, task, train_set, eval_set, global_batch, total,
                identity, device, model, params, optimizer)
     _restore(run, found)
     _wrap(run)
@@ -196,15 +193,14 @@ def trainable_parameters(model) -> dict[str, nn.Parameter]:
     return named
 
 
-def _build_model(config: TrainConfig, spec, dist_info: Dist, device: torch.device):
+def _build_model(config: TrainConfig, spec, dist_info: Dist, device: torch.device, task: Task):
     """(the compiled model on ``device``, its trainable parameters by name, their AdamW)."""
     start = time.perf_counter()
     say(dist_info, f"loading, capturing and compiling {config.model} with {config.spec} ...")
     model = compile_model(config.model, spec, seed=config.seed, dtype=config.dtype,
                           autocast_adapter_dtype=config.autocast_adapter_dtype)
     say(dist_info, f"compiled in {time.perf_counter() - start:.1f} s")
-    if model.kind != "causal-lm":
-        raise TrainError(f"peftc train trains causal language models; '{config.model}' is an encoder")
+    task.bind(model, config)
     model.to(device)
     params = trainable_parameters(model)
     if not params:
@@ -237,9 +233,9 @@ def _restore(run: _Run, found: tuple | None) -> None:
 def _wrap(run: _Run) -> None:
     """The module a step runs: the model up to its head's input (the head and the loss then run on the
     labelled positions only) or the whole model; under DDP, wrapped; with --torch-compile, compiled."""
-    split = head_split(run.model)
+    split = head_split(run.model) if run.task.kind == "causal-lm" else None
     run.runner = run.model if split is None else split
-    run.loss_of = token_loss_sum if split is None else split.loss_sum
+    run.loss_of = run.task.loss_sum if split is None else split.loss_sum
     world = run.dist_info.world
     if world > 1:
         run.runner = wrap_ddp(run.runner, run.dist_info, run.device)
@@ -262,15 +258,14 @@ def _accumulate(run: _Run) -> tuple[float, int]:
     scale = world / max(1, target_tokens)
     sums = torch.zeros(2, dtype=torch.float64)
     for k in range(config.grad_accum):
-        batch = collate([run.train_set[i] for i in mine[k * config.batch_size:(k + 1) * config.batch_size]],
-                        run.pad_id)
+        batch = run.task.collate([run.train_set[i] for i in mine[k * config.batch_size:(k + 1) * config.batch_size]])
         batch = {key: value.to(run.device) for key, value in batch.items()}
         sync = run.runner.no_sync() if world > 1 and k < config.grad_accum - 1 else contextlib.nullcontext()
         with sync:
-            loss_sum = run.loss_of(run.forward(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            loss_sum = run.loss_of(run.forward(*run.task.inputs(batch)), batch["labels"])
             (loss_sum * scale).backward()
         sums[0] += loss_sum.item()
-        sums[1] += int(batch["attention_mask"].sum())
+        sums[1] += run.task.tokens(batch)
     sums = all_reduce_sum(sums, run.dist_info, run.device)
     return float(sums[0]) / max(1, target_tokens), int(sums[1])
 
@@ -310,7 +305,7 @@ def _after_step(run: _Run, bar, lr: float, tokens: int) -> None:
              "tokens_per_s": round(run.tokens_run / elapsed, 2), "elapsed_s": round(elapsed, 2)}
     if run.eval_set and (step == total or (config.eval_every and step % config.eval_every == 0)):
         if run.dist_info.main:
-            run.eval_loss = evaluate_loss(run.model, run.eval_set, config.batch_size, run.pad_id, run.device)
+            run.eval_loss = evaluate_loss(run.model, run.eval_set, config.batch_size, run.task, run.device)
             entry["eval_loss"] = round(run.eval_loss, 6)
     run.history.append(entry)
     evaluated = "eval_loss" in entry
@@ -346,20 +341,19 @@ def _stopped(run: _Run, bar, exc: TrainError | None) -> None:
                        + (f" ({run.out} is as it was)" if run.work != run.out else ""))
 
 
-def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-                  device: torch.device) -> float:
-    """Mean next-token loss over the targets of ``examples`` (dropout off); ``model`` is a CompiledModel
-    (the head runs on the labelled positions only when it can, as in training)."""
+def evaluate_loss(model: nn.Module, examples: list, batch_size: int, task: Task, device: torch.device) -> float:
+    """Mean loss over the targets of ``examples`` (dropout off); ``model`` is a CompiledModel (a causal
+    LM's head runs on the labelled positions only when it can, as in training)."""
     was = model.training
     model.eval()
-    split = head_split(model)
-    run, loss_of = (model, token_loss_sum) if split is None else (split, split.loss_sum)
+    split = head_split(model) if task.kind == "causal-lm" else None
+    run, loss_of = (model, task.loss_sum) if split is None else (split, split.loss_sum)
     total = tokens = 0.0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-            total += loss_of(run(batch["input_ids"], batch["attention_mask"]), batch["labels"]).item()
-            tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+            batch = {k: v.to(device) for k, v in task.collate(examples[start:start + batch_size]).items()}
+            total += loss_of(run(*task.inputs(batch)), batch["labels"]).item()
+            tokens += task.targets(batch)
     model.train(was)
     return total / max(1.0, tokens)
 
