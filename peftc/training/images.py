@@ -151,11 +151,10 @@ def accuracy(model, records: list[ImageRecord], names: list[str], pixels: Pixels
     """The compiled classifier's top-1 accuracy on ``records`` (dropout off)."""
     model.eval()
     start, rows = time.perf_counter(), []
-    dtype = getattr(model, "base_dtype", torch.float32)
     for first in range(0, len(records), batch_size):
         chunk = records[first:first + batch_size]
         with torch.no_grad():
-            predicted = model(pixels([r.path for r in chunk]).to(dtype)).argmax(-1).tolist()
+            predicted = model(pixels([r.path for r in chunk])).argmax(-1).tolist()
         rows += [(r, names[p], names[r.label]) for r, p in zip(chunk, predicted)]
     correct = sum(p == e for _, p, e in rows)
     return AccuracyResult(correct, len(rows), time.perf_counter() - start, rows)

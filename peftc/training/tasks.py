@@ -31,7 +31,6 @@ class Task:
     def __init__(self, config: TrainConfig, model_config=None):
         self.codec = load_codec(config.model)
         self.pad_id = self.codec.pad_id
-        self.dtype = torch.float32
 
     def examples(self, config: TrainConfig) -> tuple[list, list]:
         """(train, eval) examples of ``config.data``, split by ``--eval-split``."""
@@ -43,7 +42,7 @@ class Task:
         return tokenize(records, self.codec, config.max_length, config.chat)
 
     def bind(self, model, config: TrainConfig) -> None:
-        """Check that the compiled ``model`` is what this task trains; take its dtype for float inputs."""
+        """Check that the compiled ``model`` is what this task trains."""
         if model.kind == "encoder":
             raise TrainError(f"peftc train trains causal language models; '{config.model}' is an encoder without "
                              "a head (peftc also trains encoder-decoders such as T5 and BART on JSONL, and image "
@@ -51,7 +50,6 @@ class Task:
         if model.kind != self.kind:
             raise TrainError(f"--data {config.data} is {self.data_help}, which trains {WHAT[self.kind]}; "
                              f"'{config.model}' is {WHAT.get(model.kind, model.kind)}")
-        self.dtype = model.base_dtype
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
         return collate(examples, self.pad_id)
@@ -116,7 +114,6 @@ class ImageTask(Task):
         self.model_config = model_config
         self.pixels = Pixels(model_config, resolve(config.model)[1])
         self.pad_id = 0
-        self.dtype = torch.float32
 
     def examples(self, config: TrainConfig) -> tuple[list, list]:
         records, self.names = read_image_folder(config.data, self.model_config)
@@ -127,7 +124,8 @@ class ImageTask(Task):
         return collate_images(examples, self.pixels)
 
     def inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        return (batch["pixel_values"].to(self.dtype),)
+        # float32 whatever the model's dtype: the capture took float32 pixels, and ViT casts them itself
+        return (batch["pixel_values"],)
 
     def loss_sum(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return classification_loss_sum(output, labels)
