@@ -227,11 +227,16 @@ def _config_and_class(directory: Path, ref: str):
         raise ModelError(f"cannot load model '{ref}' from {directory}: {exc}") from exc
     archs = config.architectures or []
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
-    # an encoder-decoder LM (T5, BART, Whisper) or an image classifier (ViT) keeps its head
-    from transformers import AutoModelForImageClassification, AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
-    for auto in (AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq, AutoModelForImageClassification):
-        if any(cls.__name__ in archs for cls in auto._model_mapping.values() if isinstance(cls, type)):
-            return config, auto
+    # an encoder-decoder LM (T5, BART, Whisper) or an image classifier (ViT) keeps its head (by class name:
+    # the auto classes' own mappings would import every architecture)
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+    for auto_class, names in (("AutoModelForSeq2SeqLM", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+                              ("AutoModelForSpeechSeq2Seq", auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES),
+                              ("AutoModelForImageClassification", auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)):
+        known = names.get(config.model_type, ())
+        if set(archs) & ({known} if isinstance(known, str) else set(known)):
+            return config, getattr(transformers, auto_class)
     return config, AutoModelForCausalLM if causal else AutoModel
 
 
