@@ -50,7 +50,7 @@ MATRIX = {
 }
 #: why a cell is not HF PEFT's, and for a refused one the words of peftc's error
 MOE_IA3 = ("the MLPs are only stacked expert weights, which ia3 does not reach (HF PEFT's IA3 has no "
-           "target_parameters); 'ia3 k, v' runs", "no 'down' linears: its MLPs are stacked expert weights")
+           "target_parameters)", "no 'down' linears: its MLPs are stacked expert weights")
 ENC_DEC = ("not built yet: HF PEFT's files cannot hold prefixes in the encoder, decoder and cross-attentions",
            "prefix on an encoder-decoder is not built yet")
 NO_PAST = ("HF PEFT loads the file but crashes: the model takes no past_key_values, so its lengthened mask "
@@ -82,6 +82,13 @@ def readme_table() -> str:
 
 
 CELLS = [(arch, method) for arch, cells in MATRIX.items() for method in cells]
+IDS = [f"{arch}-{method}".replace(", ", ",").replace(" ", "_") for arch, method in CELLS]   # LLaMA-lora_q,v
+
+
+@pytest.fixture(autouse=True)
+def _on_one_thread(one_thread):
+    """Tiny models run fastest on one thread: 41% less time for a fifth of the cells on a busy 2-core
+    machine (53 s against 90 s)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,7 +159,7 @@ def prefixed_reference(arch: str, directory, feeds: dict) -> torch.Tensor:
     return result
 
 
-@pytest.mark.parametrize("arch, method", CELLS, ids=[f"{a}-{m}" for a, m in CELLS])
+@pytest.mark.parametrize("arch, method", CELLS, ids=IDS)
 def test_cell(arch, method, tmp_path):
     claim, spec = MATRIX[arch][method], METHODS[method]
     if claim == REFUSED:
@@ -167,8 +174,9 @@ def test_cell(arch, method, tmp_path):
     with torch.no_grad():
         ours = model(**feeds)
     base = output(shared(arch), feeds)
-    # every adapter moves these outputs by 1.8e-3 (ModernBERT's IA3) to 1.9 of their largest value
-    assert_differs(ours, base, rel=1e-3, why="live adapters")
+    # the adapters move these outputs by 1.1e-3 (ModernBERT's IA3) to 1.9 (OLMo2's prefix) of their largest
+    # value: over ten times the bound of the comparisons below, which a cell ignoring them would then fail
+    assert_differs(ours, base, rel=10 * SAME_FUNCTION, why="live adapters, far over the comparison's bound")
     model.save_hf_peft(tmp_path)
     if claim == EAGER:
         expected = prefixed_reference(arch, tmp_path, feeds)
@@ -186,9 +194,3 @@ def test_cell(arch, method, tmp_path):
             expected = expected[:, TOKENS:]
     assert_close(ours, expected, rel=SAME_FUNCTION, why="HF PEFT's modules (or the reference's concatenated "
                                                          "prefixes) sum in another order")
-
-
-
-@pytest.fixture(autouse=True)
-def _on_one_thread(one_thread):
-    """Tiny models run fastest on one thread (the module takes 40% less time on a busy 2-core machine)."""
