@@ -3,10 +3,12 @@
 - ``fp32``: the merged weights (LoRA folded onto dequant(W) for a quantized base);
 - ``fp16``: the same with every large weight stored in float16 (half the file; computed in float32);
 - ``nf4``: the merged weights re-quantized to NF4 (bitsandbytes layout), run by ``com.microsoft.MatMulBnb4``;
-- ``int4``: re-quantized to blockwise int4 with zero points, run by ``com.microsoft.MatMulNBits``.
+- ``int4``: re-quantized to blockwise int4 with zero points, run by ``com.microsoft.MatMulNBits`` (a
+  ``--genai`` decoder then computes with int8 activations on the CPU: :func:`peftc.export.genai.int8_activations`).
 
 The re-quantized targets re-quantize the linears the spec's ``quant`` statements quantized (with their
-``block`` and ``double_quant``), or every linear but the output head when the spec has none. Besides the
+``block`` and ``double_quant``), or when the spec has none every linear but the output head (int4: the head
+too, the largest matmul of a small model's step, as the builder quantizes it). Besides the
 ONNX Runtime check, each target reports how far its logits move from the float32 merged model."""
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class TargetResult:
         return "\n".join(lines)
 
 
-def requantize_plan(merged) -> list[tuple[LinearSite, int, bool]]:
+def requantize_plan(merged, target: str) -> list[tuple[LinearSite, int, bool]]:
     """(site, block, double_quant) for each linear the target re-quantizes."""
     plan = []
     for record in getattr(merged, "folded", []):
@@ -58,7 +60,7 @@ def requantize_plan(merged) -> list[tuple[LinearSite, int, bool]]:
             plan.append((record.site, options["block"], options["double_quant"]))
     if plan:
         return plan
-    return [(site, DEFAULT_BLOCK, True) for site in merged.sites.linears if site.role != "head"]
+    return [(site, DEFAULT_BLOCK, True) for site in merged.sites.linears if site.role != "head" or target == "int4"]
 
 
 def _copy_model(merged, gm):
@@ -73,7 +75,7 @@ def target_model(merged, target: str, *, block: int | None = None):
     if target in STORED:
         return float32_compute(merged, STORED[target])
     gm = copy_graph_module(merged.graph_module)
-    for i, (site, site_block, double_quant) in enumerate(requantize_plan(merged)):
+    for i, (site, site_block, double_quant) in enumerate(requantize_plan(merged, target)):
         chosen = block or site_block
         if target == "nf4" and chosen not in MATMULBNB4_BLOCKS:
             raise ExportError(f"block={chosen}: ONNX Runtime's MatMulBnb4 takes NF4 blocks of "

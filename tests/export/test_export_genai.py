@@ -174,6 +174,10 @@ def test_every_target_decodes_in_genai(tmp_path, target, op):
         assert op in ops
     else:
         assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer}
+    if target == "int4":            # as the builder's CPU int4: int8 activations, and the head quantized too
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == len(merged.sites.linears)
+        assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
     prompt = PROMPTS[0]
     tokens, _ = decode(OnnxStep(tmp_path / target / "model.onnx"), np.array([prompt]), np.ones((1, 7), np.int64), 8)
     assert _genai_tokens(tmp_path / target, prompt, 8) == tokens[0].tolist()
