@@ -21,11 +21,10 @@ from peftc.fsutil import write_json
 from peftc.models import DEFAULT_MODEL, load_model, resolve
 from peftc.training.data import load_codec, read_jsonl
 from peftc.training.images import Pixels, accuracy, read_image_folder
-from peftc.training.seq2seq import Seq2SeqCachedDecoder, seq2seq_decoder_for
+from peftc.training.seq2seq import Seq2SeqCachedDecoder
 from peftc.training.tasks import WHAT
 from peftc.export.genai import exported_model
-from peftc.training.generate import CachedDecoder, RecomputeDecoder, decoder_for, exact_match, greedy, \
-    onnx_decoder, torch_logits
+from peftc.training.generate import CachedDecoder, decoder_for, exact_match, greedy, onnx_decoder
 from peftc.training.train import TrainConfig, train
 
 
@@ -118,16 +117,13 @@ def load_decoder(args):
             decoder = Seq2SeqCachedDecoder(base) if base.config.is_encoder_decoder else CachedDecoder(base)
             return decoder, ref, f"{ref} (base model, no adapter)"
     model, what = load_compiled(args, directory, manifest, ref)
-    if model.kind == "seq2seq-lm" and model.signature.names[0] == "input_ids":
-        return seq2seq_decoder_for(model, args.recompute), ref, what
-    if model.kind != "causal-lm":
+    text_seq2seq = model.kind == "seq2seq-lm" and model.signature.names[0] == "input_ids"
+    if model.kind != "causal-lm" and not text_seq2seq:
         hint = (f"; 'peftc eval {args.dir or '--model ' + ref} --data FOLDER' reports its accuracy on images"
                 if model.kind == "classifier" else "")
         raise PeftcError(f"'{ref}' is {WHAT.get(model.kind, model.kind)} reading {model.signature.names[0]}: "
                          f"eval and generate decode text with a causal LM or a text encoder-decoder{hint}")
-    if args.recompute:
-        return RecomputeDecoder(torch_logits(model.eval())), ref, what
-    return decoder_for(model), ref, what
+    return decoder_for(model, args.recompute), ref, what
 
 
 def eval_images(args) -> int:

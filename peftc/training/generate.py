@@ -7,7 +7,8 @@ Three decoders give the same tokens (the tests check it on a tiny model):
   their ONNX exports have no KV cache.
 * :class:`CachedDecoder` copies a merged CompiledModel's weights into a fresh ``transformers`` model and
   decodes with its KV cache: about ten times fewer FLOPs, the fast path for merged LoRA/IA3 adapters.
-* :func:`decoder_for` picks the cached one when every adapter folds, else recomputation.
+* :func:`decoder_for` picks the cached one when every adapter folds, else recomputation (and the same for
+  an encoder-decoder, :mod:`peftc.training.seq2seq`).
 * :class:`OnnxCachedDecoder` runs a KV-cache decoder written by ``peftc export --genai`` in ONNX Runtime,
   one new token a step; :class:`GenaiDecoder` runs the same directory in onnxruntime-genai.
 
@@ -27,6 +28,7 @@ from peftc.export.genai import OnnxStep, decode, left_padded
 from peftc.export.hf import hf_from_merged
 from peftc.export.onnx import providers
 from peftc.training.data import Codec, Record
+from peftc.training.seq2seq import Seq2SeqCachedDecoder, Seq2SeqRecomputeDecoder, start_token
 from peftc.errors import PeftcError
 
 
@@ -157,15 +159,23 @@ def onnx_logits(path: str | Path) -> Callable:
     return run
 
 
-def decoder_for(model) -> RecomputeDecoder | CachedDecoder:
-    """The fastest exact decoder for a CompiledModel: merged + KV cache when every adapter folds."""
-    merged = model if not model.records else model.merge()
-    if model.kind == "causal-lm" and not merged.records:
-        try:
-            return CachedDecoder(hf_from_merged(merged))
-        except PeftcError:
-            pass
-    return RecomputeDecoder(torch_logits(model.eval()))
+def decoder_for(model, recompute: bool = False):
+    """The fastest exact decoder for a CompiledModel, a causal LM or an encoder-decoder: the merged weights
+    in transformers with its KV cache when every adapter folds (and ``recompute`` is not asked for), else
+    re-running the compiled graph."""
+    seq2seq = model.kind == "seq2seq-lm"
+    if not recompute:
+        merged = model if not model.records else model.merge()
+        if model.kind in ("causal-lm", "seq2seq-lm") and not merged.records:
+            try:
+                hf_model = hf_from_merged(merged)
+                return Seq2SeqCachedDecoder(hf_model) if seq2seq else CachedDecoder(hf_model)
+            except PeftcError:
+                pass
+    model.eval()
+    if seq2seq:
+        return Seq2SeqRecomputeDecoder(lambda ids, mask, dec: model(ids, mask, dec), start_token(model.config))
+    return RecomputeDecoder(torch_logits(model))
 
 
 def greedy(decoder, prompts: list[list[int]], *, eos_id: int, max_new_tokens: int,

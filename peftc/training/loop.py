@@ -22,7 +22,6 @@ from peftc.training.config import CHECKPOINTS, TrainConfig, TrainError
 from peftc.training.data import step_indices, steps_for_epochs
 from peftc.training.distributed import Dist, all_reduce_sum, say, setup_distributed, synchronised_parameters, \
     teardown_distributed, wrap_ddp
-from peftc.training.headloss import head_split
 from peftc.training.loss import token_loss_sum
 from peftc.training.outputs import TrainLog, write_outputs
 from peftc.training.rundir import clean_temporaries, prepare_out
@@ -233,7 +232,7 @@ def _restore(run: _Run, found: tuple | None) -> None:
 def _wrap(run: _Run) -> None:
     """The module a step runs: the model up to its head's input (the head and the loss then run on the
     labelled positions only) or the whole model; under DDP, wrapped; with --torch-compile, compiled."""
-    split = head_split(run.model) if run.task.kind == "causal-lm" else None
+    split = run.task.head_split(run.model)
     run.runner = run.model if split is None else split
     run.loss_of = run.task.loss_sum if split is None else split.loss_sum
     world = run.dist_info.world
@@ -346,7 +345,7 @@ def evaluate_loss(model: nn.Module, examples: list, batch_size: int, task: Task,
     LM's head runs on the labelled positions only when it can, as in training)."""
     was = model.training
     model.eval()
-    split = head_split(model) if task.kind == "causal-lm" else None
+    split = task.head_split(model)
     run, loss_of = (model, task.loss_sum) if split is None else (split, split.loss_sum)
     total = tokens = 0.0
     with torch.no_grad():

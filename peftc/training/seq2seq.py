@@ -1,25 +1,24 @@
 """Encoder-decoders (T5, BART) on prompt/completion data: the prompt is the encoder's input, the completion
 and an end-of-sequence token are the labels of the decoder, whose inputs are those labels shifted right
 behind the config's ``decoder_start_token_id`` (transformers' ``shift_tokens_right``, T5's ``_shift_right``).
-The loss is the cross-entropy of the decoder's logits against the labels, position by position (no shift:
-the decoder's input is already one token behind).
+The loss is the cross-entropy of the decoder's logits against the labels, position by position
+(:func:`peftc.training.loss.labelled_loss_sum`: the decoder's input is already one token behind).
 
 Batches are right-padded on both sides: the encoder's pads are masked, and the decoder is causal, so its
 pads come after every labelled position and change none of them.
 
 Greedy decoding: :class:`Seq2SeqCachedDecoder` runs ``generate()`` of a transformers model holding the
 merged weights (KV cache); :class:`Seq2SeqRecomputeDecoder` re-runs a compiled model (merged or not, any
-adapter) on the encoder's input and the decoder's tokens so far at each step. They give the same tokens."""
+adapter) on the encoder's input and the decoder's tokens so far at each step. They give the same tokens;
+:func:`peftc.training.generate.decoder_for` picks one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from peftc.errors import PeftcError
-from peftc.export.hf import hf_from_merged
 from peftc.training.data import IGNORE, Codec, DataError, Record
 
 
@@ -67,13 +66,6 @@ def collate_seq2seq(examples: list[Seq2SeqExample], pad_id: int, start_id: int) 
         decoder[row, :len(e.labels)] = torch.tensor([start_id, *e.labels[:-1]])
         labels[row, :len(e.labels)] = torch.tensor(e.labels)
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder, "labels": labels}
-
-
-def seq2seq_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the decoder's logits against ``labels`` (same positions) where not IGNORE."""
-    logits = logits.float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
 
 
 def start_token(config) -> int:
@@ -128,18 +120,3 @@ class Seq2SeqCachedDecoder:
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
         return out[:, 1:]                  # generate() returns the start token first
-
-
-def seq2seq_decoder_for(model, recompute: bool = False):
-    """The decoder for a compiled encoder-decoder: ``generate()`` on the merged weights when every adapter
-    folds (and ``recompute`` is not asked for), else re-running the compiled graph."""
-    start = start_token(model.config)
-    if not recompute:
-        merged = model if not model.records else model.merge()
-        if not merged.records:
-            try:
-                return Seq2SeqCachedDecoder(hf_from_merged(merged))
-            except PeftcError:
-                pass
-    model.eval()
-    return Seq2SeqRecomputeDecoder(lambda ids, mask, dec: model(ids, mask, dec), start)

@@ -16,8 +16,9 @@ from peftc.models import resolve
 from peftc.training.config import TrainConfig, TrainError
 from peftc.training.data import IGNORE, collate, load_codec, read_jsonl, split_eval, tokenize
 from peftc.training.images import Pixels, classification_loss_sum, collate_images, ImageExample, read_image_folder
-from peftc.training.loss import token_loss_sum
-from peftc.training.seq2seq import collate_seq2seq, seq2seq_loss_sum, start_token, tokenize_seq2seq
+from peftc.training.headloss import head_split
+from peftc.training.loss import labelled_loss_sum, token_loss_sum
+from peftc.training.seq2seq import collate_seq2seq, start_token, tokenize_seq2seq
 
 WHAT = {"causal-lm": "a causal language model", "seq2seq-lm": "an encoder-decoder language model",
         "classifier": "an image classifier", "encoder": "an encoder without a head"}
@@ -60,6 +61,11 @@ class Task:
     def loss_sum(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_loss_sum(output, labels)
 
+    def head_split(self, model):
+        """The model cut before its head, the head and the loss then run on the labelled positions only
+        (:func:`peftc.training.headloss.head_split`), or None: a causal LM's when it can be cut."""
+        return head_split(model) if self.kind == "causal-lm" else None
+
     def targets(self, batch: dict) -> int:
         """The labelled positions of a batch: what its loss sums over."""
         return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -93,7 +99,7 @@ class Seq2SeqTask(Task):
         return batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
 
     def loss_sum(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return seq2seq_loss_sum(output, labels)
+        return labelled_loss_sum(output, labels)
 
     def targets(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE).sum())

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import peftc
-import peftc.training.loop
+import peftc.training.tasks
 from conftest import randomize_adapters
 from peftc.training.data import IGNORE
 from peftc.errors import PeftcError
@@ -249,7 +249,7 @@ def test_peftc_train_gives_what_full_logits_gave(tmp_path, monkeypatch):
                                  out=str(tmp_path / out), model="tiny-llama", steps=3, batch_size=2, grad_accum=2,
                                  lr=1e-2, max_length=32, eval_split=4, eval_every=1, progress=False))
     ours = run("split")
-    monkeypatch.setattr(peftc.training.loop, "head_split", lambda model: None)
+    monkeypatch.setattr(peftc.training.tasks, "head_split", lambda model: None)
     full = run("full")
     for key in ("loss", "eval_loss"):
         assert [h[key] for h in ours.history] == pytest.approx([h[key] for h in full.history], rel=1e-5)

@@ -17,9 +17,9 @@ import peftc
 from peftc.cli import main
 from peftc.errors import PeftcError
 from peftc.training.data import DataError, Record, load_codec, read_jsonl, split_eval
-from peftc.training.generate import exact_match, onnx_decoder
-from peftc.training.seq2seq import Seq2SeqExample, Seq2SeqRecomputeDecoder, collate_seq2seq, seq2seq_decoder_for, \
-    seq2seq_loss_sum, tokenize_seq2seq
+from peftc.training.generate import decoder_for, exact_match, onnx_decoder
+from peftc.training.loss import labelled_loss_sum
+from peftc.training.seq2seq import Seq2SeqExample, Seq2SeqRecomputeDecoder, collate_seq2seq, tokenize_seq2seq
 from peftc.training.train import TrainConfig, train
 from conftest import write_jsonl
 from numerics import SAME_FUNCTION, assert_close, assert_differs
@@ -97,9 +97,9 @@ def test_hf_peft_loads_the_trained_files_with_the_same_logits(trained):
 def test_both_decoders_reproduce_the_memorised_completions(trained):
     root, config, result = trained
     records, codec = train_records(config), load_codec(config.model)
-    cached = exact_match(seq2seq_decoder_for(result.model), codec, records)
-    recomputed = exact_match(seq2seq_decoder_for(result.model, recompute=True), codec, records)
-    assert "KV cache" in cached.decoder and isinstance(seq2seq_decoder_for(result.model, recompute=True),
+    cached = exact_match(decoder_for(result.model), codec, records)
+    recomputed = exact_match(decoder_for(result.model, recompute=True), codec, records)
+    assert "KV cache" in cached.decoder and isinstance(decoder_for(result.model, recompute=True),
                                                        Seq2SeqRecomputeDecoder)
     assert cached.correct == cached.total == len(PAIRS) - 1, [(r.prompt, t) for r, t, ok in cached.rows if not ok]
     assert [t for _, t, _ in cached.rows] == [t for _, t, _ in recomputed.rows]
@@ -141,7 +141,7 @@ def test_the_loss_equals_transformers_own_on_bart():
     batch = collate_seq2seq(examples, pad_id=1, start_id=bart.config.decoder_start_token_id)
     model = peftc.compile(bart, "lora q, v r=4")
     with torch.no_grad():
-        ours = seq2seq_loss_sum(model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]),
+        ours = labelled_loss_sum(model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]),
                                 batch["labels"]) / sum(e.targets for e in examples)
         theirs = bart(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert_close(ours, theirs, rel=SAME_FUNCTION, why="the same function, captured (LoRA's B is zero)")
