@@ -1,5 +1,6 @@
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,12 @@ import torch
 
 import peftc
 from peftc.training.train import TrainConfig
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # .ci/run runs one pytest-xdist worker per core: each worker, and every subprocess it starts, on one thread,
+    # so the workers do not contend for the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @functools.lru_cache(maxsize=None)
