@@ -15,13 +15,14 @@ written as ``peftc compile --out`` writes a run directory. Then, in this process
    Decode tokens/s counts every row's tokens after the first step (the prefill). Row 0 has the same adapter
    and prompt in *mixed* and *single*, so its tokens must be the same in both.
 2. **Server.** ``peftc serve`` on the 8-adapter ONNX bank directory, a subprocess on 127.0.0.1 (``--port 0``,
-   ONNX Runtime's default threads, ``--max-batch 8``); 24 completion requests (greedy, ``max_tokens`` 32) over
-   4 of the adapters, sent by 8 concurrent clients (the official ``openai`` package, one thread and one
-   client each, 3 requests each) and the same requests one after another from one client, in alternating
+   ONNX Runtime's default threads, ``--max-batch 8``); 24 completion requests (greedy; prompts of about 136
+   tokens; ``max_tokens`` 32, then 128, as two workloads: a prompt's prefill costs the same batched or not,
+   so the ratio depends on how much of the work is decoding) over 4 of the adapters, sent by 8 concurrent
+   clients (the official ``openai`` package, one thread and one client each, 3 requests each) and the same requests one after another from one client, in alternating
    rounds after a warm-up request per adapter. Total tokens/s is the completion tokens the server reports
    over the wall time of the whole set; latency is each request's, from the client's call to its answer.
-3. **Memory.** One process per configuration under ``/usr/bin/time -v``: load the bank of N = 0 (the base
-   alone), 1 and 8 adapters, then run one prefill, in torch (``AdapterBank.load``) and from the ONNX bank
+3. **Memory.** One process per configuration under ``/usr/bin/time -v``, three alternating rounds (median): load
+   the bank of N = 0 (the base alone), 1 and 8 adapters, then run one prefill, in torch (``AdapterBank.load``) and from the ONNX bank
    directory (``OnnxEngine``). Peak RSS is time's maximum resident set; the process also reports its
    resident set after the step. The extra adapters' own bytes are the tensors in their
    ``peftc_adapter.safetensors``."""
@@ -58,9 +59,9 @@ from peftc.serve.rows import join_starts  # noqa: E402
 from peftc.training.data import load_codec, read_jsonl  # noqa: E402
 
 FULL = {"model": "smollm2-135m", "adapters": 8, "rows": 8, "new": 32, "rounds": 3, "server_adapters": 4,
-        "clients": 8, "per_client": 3, "max_tokens": 32, "server_rounds": 2}
+        "clients": 8, "per_client": 3, "max_tokens": (32, 128), "server_rounds": 2, "memory_rounds": 3}
 QUICK = {"model": "tiny-llama", "adapters": 8, "rows": 8, "new": 8, "rounds": 1, "server_adapters": 4,
-         "clients": 8, "per_client": 1, "max_tokens": 8, "server_rounds": 1}
+         "clients": 8, "per_client": 1, "max_tokens": (8,), "server_rounds": 1, "memory_rounds": 1}
 #: the bank sizes loaded: 0 (the base alone), 1 (the single-adapter peer) and all of them
 BANK_SIZES = (0, 1, 8)
 GOALS = {"mixed_over_single": 0.8, "concurrent_over_sequential": 3.0}
@@ -237,22 +238,31 @@ def run_requests(url: str, requests: list[tuple[str, str]], clients: int, max_to
 
 
 def measure_server(bank_dir: Path, names: list[str], cfg: dict, work: Path) -> dict:
-    """Concurrent clients against one after another, alternating rounds (see the module doc)."""
+    """Concurrent clients against one after another, alternating rounds, for each ``max_tokens`` (see the
+    module doc): {"exit_status", ..., "workloads": {max_tokens: figures}}."""
     adapters = names[:cfg["server_adapters"]]
     count = cfg["clients"] * cfg["per_client"]
     prompts = server_prompts(count)
     requests = [(adapters[i % len(adapters)], prompts[i]) for i in range(count)]
     process, url = start_server(bank_dir, work / "server.log")
+    runs = {(n, mode): [] for n in cfg["max_tokens"] for mode in ("concurrent", "sequential")}
     try:
-        run_requests(url, [(a, prompts[0]) for a in adapters], 1, cfg["max_tokens"])      # warm-up
-        runs = {"concurrent": [], "sequential": []}
+        run_requests(url, [(a, prompts[0]) for a in adapters], 1, cfg["max_tokens"][0])      # warm-up
         for _ in range(cfg["server_rounds"]):
-            runs["sequential"].append(run_requests(url, requests, 1, cfg["max_tokens"]))
-            runs["concurrent"].append(run_requests(url, requests, cfg["clients"], cfg["max_tokens"]))
+            for n in cfg["max_tokens"]:
+                runs[n, "sequential"].append(run_requests(url, requests, 1, n))
+                runs[n, "concurrent"].append(run_requests(url, requests, cfg["clients"], n))
     finally:
         status = stop_server(process)
     out = {"exit_status": status, "requests": count, "adapters": adapters, "clients": cfg["clients"],
-           "max_tokens": cfg["max_tokens"]}
+           "workloads": {n: _server_figures({m: runs[n, m] for m in ("concurrent", "sequential")})
+                         for n in cfg["max_tokens"]}}
+    print("server", out, flush=True)
+    return out
+
+
+def _server_figures(runs: dict) -> dict:
+    out = {}
     for mode, rounds in runs.items():
         latencies = [r["latency_s"] for run in rounds for r in run["results"]]
         out[mode] = {"tokens_per_s": statistics.median(run["tokens"] / run["wall_s"] for run in rounds),
@@ -262,7 +272,7 @@ def measure_server(bank_dir: Path, names: list[str], cfg: dict, work: Path) -> d
                      "p99_latency_s": float(np.percentile(latencies, 99)), "latencies": len(latencies)}
     texts = {mode: [r["text"] for r in rounds[-1]["results"]] for mode, rounds in runs.items()}
     out["same_text"] = sum(a == b for a, b in zip(texts["concurrent"], texts["sequential"]))
-    print("server", {k: v for k, v in out.items()}, flush=True)
+    out["ratio"] = out["concurrent"]["tokens_per_s"] / out["sequential"]["tokens_per_s"]
     return out
 
 
@@ -285,19 +295,26 @@ def memory_child(kind: str, n: int, work: Path, model_ref: str) -> None:
     print(json.dumps({"resident_bytes": rss}))
 
 
-def measure_memory(work: Path, model_ref: str, dirs: dict[str, Path]) -> dict:
-    out = {}
-    for kind in ("torch", "onnx"):
-        for n in BANK_SIZES:
-            done = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--memory-child", kind,
-                                   "--n", str(n), "--work", str(work), "--model", model_ref],
-                                  capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                raise SystemExit(f"the memory process {kind} N={n} failed: {done.stderr[-3000:]}")
-            peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1)) * 1024
-            resident = json.loads(done.stdout.strip().splitlines()[-1])["resident_bytes"]
-            out[f"{kind} {n}"] = {"peak_rss_bytes": peak, "resident_bytes": resident}
-            print(kind, n, out[f"{kind} {n}"], flush=True)
+def _memory_process(kind: str, n: int, work: Path, model_ref: str) -> dict:
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--memory-child", kind, "--n", str(n),
+                           "--work", str(work), "--model", model_ref], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"the memory process {kind} N={n} failed: {done.stderr[-3000:]}")
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1)) * 1024
+    return {"peak_rss_bytes": peak, "resident_bytes": json.loads(done.stdout.strip().splitlines()[-1])["resident_bytes"]}
+
+
+def measure_memory(work: Path, model_ref: str, dirs: dict[str, Path], rounds: int) -> dict:
+    """Each configuration in its own process, ``rounds`` times in alternating order; the median of each
+    figure (ONNX Runtime's peak moves by tens of MiB between identical processes)."""
+    samples = {f"{kind} {n}": [] for kind in ("torch", "onnx") for n in BANK_SIZES}
+    for _ in range(rounds):
+        for key in samples:
+            kind, n = key.split()
+            samples[key].append(_memory_process(kind, int(n), work, model_ref))
+            print(key, samples[key][-1], flush=True)
+    out = {key: {figure: statistics.median(s[figure] for s in runs) for figure in ("peak_rss_bytes", "resident_bytes")}
+           | {"samples": runs} for key, runs in samples.items()}
     from safetensors.numpy import load_file
     sizes = [sum(t.nbytes for t in load_file(str(d / "peftc_adapter.safetensors")).values()) for d in dirs.values()]
     out["adapter_bytes"] = sizes
@@ -315,7 +332,8 @@ def ratios(batches: dict, server: dict, memory: dict) -> dict:
         mixed = batches[f"{backend} mixed"]["tokens_per_s"]
         out[f"{backend} mixed / single"] = mixed / batches[f"{backend} single"]["tokens_per_s"]
         out[f"{backend} mixed / base"] = mixed / batches[f"{backend} base"]["tokens_per_s"]
-    out["server concurrent / sequential"] = server["concurrent"]["tokens_per_s"] / server["sequential"]["tokens_per_s"]
+    for n, figures in server["workloads"].items():
+        out[f"server concurrent / sequential, max_tokens {n}"] = figures["ratio"]
     for kind in ("torch", "onnx"):
         for key in ("peak_rss_bytes", "resident_bytes"):
             eight, one, base = (memory[f"{kind} {n}"][key] for n in (8, 1, 0))
@@ -342,29 +360,60 @@ def batch_lines(batches: dict) -> list[str]:
 
 
 def server_lines(server: dict) -> list[str]:
-    lines = [f"{server['requests']} requests over {', '.join(server['adapters'])} (greedy, max_tokens "
-             f"{server['max_tokens']}); server exit status {server['exit_status']} after SIGTERM.", "",
-             "| clients | total tokens/s | samples | completion tokens | p50 latency (s) | p99 latency (s) |",
-             "|---|---|---|---|---|---|"]
-    for mode in ("concurrent", "sequential"):
-        row = server[mode]
-        clients = f"{server['clients']} concurrent" if mode == "concurrent" else "1 (one after another)"
-        samples = ", ".join(f"{v:.1f}" for v in row["samples_tokens_per_s"])
-        lines.append(f"| {clients} | {row['tokens_per_s']:.1f} | {samples} | {'/'.join(map(str, row['tokens']))} | "
-                     f"{row['p50_latency_s']:.2f} | {row['p99_latency_s']:.2f} |")
-    lines += ["", f"Latencies over {server['concurrent']['latencies']} requests a mode (every round); the same "
-                  f"completion text concurrently as one after another: {server['same_text']} of "
-                  f"{server['requests']} requests."]
+    lines = [f"{server['requests']} requests over {', '.join(server['adapters'])} (greedy), with each max_tokens; "
+             f"server exit status {server['exit_status']} after SIGTERM.", "",
+             "| max_tokens | clients | total tokens/s | samples | completion tokens | p50 latency (s) | p99 latency (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for n, figures in server["workloads"].items():
+        for mode in ("concurrent", "sequential"):
+            row = figures[mode]
+            clients = f"{server['clients']} concurrent" if mode == "concurrent" else "1 (one after another)"
+            samples = ", ".join(f"{v:.1f}" for v in row["samples_tokens_per_s"])
+            lines.append(f"| {n} | {clients} | {row['tokens_per_s']:.1f} | {samples} | "
+                         f"{'/'.join(map(str, row['tokens']))} | {row['p50_latency_s']:.2f} | {row['p99_latency_s']:.2f} |")
+    same = ", ".join(f"{f['same_text']} of {server['requests']} at max_tokens {n}" for n, f in server["workloads"].items())
+    lines += ["", f"Latencies over every round's requests; the same completion text concurrently as one after "
+                  f"another: {same}."]
     return lines
 
 
+def server_goal(server: dict) -> str:
+    parts = []
+    for n, f in server["workloads"].items():
+        c, s = f["concurrent"], f["sequential"]
+        parts.append(f"max_tokens {n}: {goal(f['ratio'], GOALS['concurrent_over_sequential'])}, p50 / p99 latency "
+                     f"{c['p50_latency_s']:.2f} / {c['p99_latency_s']:.2f} s concurrently, {s['p50_latency_s']:.2f} / "
+                     f"{s['p99_latency_s']:.2f} s one after another")
+    return "; ".join(parts)
+
+
+def memory_goal(data: dict) -> str:
+    """The memory goal's line: per engine, (RSS with 8 adapters − with 1) ÷ the 7 extra adapters' bytes and 8 ÷
+    the base alone; no ratio where identical processes differ by more than those bytes."""
+    r, memory = data["ratios"], data["memory"]
+    parts = []
+    for kind, label in (("torch", "torch"), ("onnx", "ONNX Runtime")):
+        spread = max(max(x["peak_rss_bytes"] for x in memory[f"{kind} {n}"]["samples"])
+                     - min(x["peak_rss_bytes"] for x in memory[f"{kind} {n}"]["samples"]) for n in BANK_SIZES)
+        if spread > memory["extra_adapter_bytes"]:
+            parts.append(f"{label}: identical processes' peak RSS differed by up to {spread / MIB:.0f} MiB, more than "
+                         f"the 7 extra adapters' {memory['extra_adapter_bytes'] / MIB:.1f} MiB, so no ratio (the table)")
+            continue
+        parts.append(f"{label}: (RSS with 8 adapters − RSS with 1) ÷ the 7 extra adapters' bytes, peak "
+                     f"{r[f'{kind} peak_rss_bytes (8 - 1) / 7 adapters']:.2f}, resident "
+                     f"{r[f'{kind} resident_bytes (8 - 1) / 7 adapters']:.2f}; RSS with 8 adapters ÷ the base alone, "
+                     f"peak {r[f'{kind} peak_rss_bytes 8 / base']:.3f}, resident {r[f'{kind} resident_bytes 8 / base']:.3f}")
+    return "; ".join(parts) + "."
+
+
 def memory_lines(memory: dict, base_bytes: int) -> list[str]:
-    lines = ["| engine | adapters | peak RSS (MiB) | resident after a prefill (MiB) |", "|---|---|---|---|"]
+    lines = ["| engine | adapters | peak RSS (MiB) | samples | resident after a prefill (MiB) |", "|---|---|---|---|---|"]
     for kind in ("torch", "onnx"):
         for n in BANK_SIZES:
             row = memory[f"{kind} {n}"]
+            peaks = ", ".join(f"{r['peak_rss_bytes'] / MIB:.0f}" for r in row["samples"])
             lines.append(f"| {'torch AdapterBank.load' if kind == 'torch' else 'ONNX Runtime OnnxEngine'} | {n} | "
-                         f"{row['peak_rss_bytes'] / MIB:.1f} | {row['resident_bytes'] / MIB:.1f} |")
+                         f"{row['peak_rss_bytes'] / MIB:.1f} | {peaks} | {row['resident_bytes'] / MIB:.1f} |")
     lines += ["", f"The base's own weights: {base_bytes / MIB:.1f} MiB; one adapter: "
                   f"{memory['adapter_bytes'][0] / MIB:.2f} MiB; the 7 extra adapters of N = 8: "
                   f"{memory['extra_adapter_bytes'] / MIB:.2f} MiB."]
@@ -387,22 +436,14 @@ def report(data: dict, out: Path) -> str:
              f"{goal(r['onnx mixed / single'], GOALS['mixed_over_single'])}. Against the base with no adapter (the "
              f"cost of a merged adapter): torch {r['torch mixed / base']:.2f}, ONNX Runtime {r['onnx mixed / base']:.2f}.",
              f"- Server, 8 concurrent clients over 4 adapters ÷ the same requests one after another, total "
-             f"tokens/s: {goal(r['server concurrent / sequential'], GOALS['concurrent_over_sequential'])}; p50 / p99 "
-             f"latency {data['server']['concurrent']['p50_latency_s']:.2f} / "
-             f"{data['server']['concurrent']['p99_latency_s']:.2f} s concurrently, "
-             f"{data['server']['sequential']['p50_latency_s']:.2f} / {data['server']['sequential']['p99_latency_s']:.2f}"
-             " s one after another.",
-             f"- Memory, (RSS with 8 adapters − RSS with 1) ÷ the 7 extra adapters' bytes: torch peak "
-             f"{r['torch peak_rss_bytes (8 - 1) / 7 adapters']:.2f}, resident "
-             f"{r['torch resident_bytes (8 - 1) / 7 adapters']:.2f}; ONNX Runtime peak "
-             f"{r['onnx peak_rss_bytes (8 - 1) / 7 adapters']:.2f}, resident "
-             f"{r['onnx resident_bytes (8 - 1) / 7 adapters']:.2f}. RSS with 8 adapters ÷ the base "
-             f"alone: torch peak {r['torch peak_rss_bytes 8 / base']:.3f}, resident {r['torch resident_bytes 8 / base']:.3f};"
-             f" ONNX Runtime peak {r['onnx peak_rss_bytes 8 / base']:.3f}, resident {r['onnx resident_bytes 8 / base']:.3f}.",
+             f"tokens/s (prompts of about 136 tokens; the ratio grows with the completion's share of the work, as "
+             f"prefill costs the same either way): {server_goal(data['server'])}.",
+             f"- Memory: {memory_goal(data)}",
              "", f"## Mixed batch ({cfg['rows']} rows, {cfg['new']} new tokens, one thread, median of {cfg['rounds']} "
              "alternating rounds)", "", *batch_lines(data["batches"]),
              "", f"## Server (peftc serve, ONNX Runtime; median of {cfg['server_rounds']} alternating rounds)", "",
-             *server_lines(data["server"]), "", "## Memory (one process per configuration)", "",
+             *server_lines(data["server"]), "", f"## Memory (one process per configuration, median of {cfg['memory_rounds']} alternating rounds)",
+             "",
              *memory_lines(data["memory"], data["base_bytes"]), "",
              "Preparation (in this process): " + ", ".join(f"bank {k} {v:.1f} s" for k, v in data["prepare_s"].items())
              + "."]
@@ -438,7 +479,7 @@ def main() -> None:
     del configs
     made["banks"].clear()
     server = measure_server(work / "bank8", list(dirs), cfg, work)
-    memory = measure_memory(work, cfg["model"], dirs)
+    memory = measure_memory(work, cfg["model"], dirs, cfg["memory_rounds"])
     data = {"cpu": cpu_name(), "cores": os.cpu_count(), "config": cfg, "batches": batches, "server": server,
             "memory": memory, "base_bytes": made["base_bytes"], "prepare_s": made["seconds"],
             "ratios": ratios(batches, server, memory), "minutes": (time.perf_counter() - start) / 60}
