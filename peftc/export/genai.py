@@ -25,7 +25,7 @@ from torch.export import Dim
 
 from peftc.errors import ExportError, PeftcError
 from peftc.export.kvcache import CacheDecoder, CacheLayout, cache_decoder
-from peftc.export.onnx import _convert, providers, quiet
+from peftc.export.onnx import _convert, load_session, providers, quiet
 from peftc.export.hf import TOKENIZER_FILES, hf_from_merged
 from peftc.export.targets import target_model
 from peftc.fsutil import atomic_dir, write_json
@@ -150,19 +150,11 @@ def genai_config(config, layout: CacheLayout, vocab: int) -> dict:
 
 
 class OnnxStep:
-    """One decoder step in ONNX Runtime: ``(ids, mask, past) -> (logits, present)``, numpy in and out.
-
-    The session runs without ONNX Runtime's CPU memory arena: with it, loading SmolLM2-135M's decoder took
-    220 to 300 MiB more resident memory, depending on the run, than the weights and their packed copies, and
-    decoding was no faster (the step's buffers are a few large tensors, which plain allocation serves)."""
+    """One decoder step in ONNX Runtime: ``(ids, mask, past) -> (logits, present)``, numpy in and out; the
+    session is :func:`peftc.export.onnx.load_session`'s."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.enable_cpu_mem_arena = False
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers())
+        self.session = load_session(path, threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.heads = [(i.shape[1], i.shape[3]) for i in self.session.get_inputs()
                       if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
