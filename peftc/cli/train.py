@@ -21,10 +21,9 @@ from peftc.fsutil import write_json
 from peftc.models import DEFAULT_MODEL, load_model, resolve
 from peftc.training.data import load_codec, read_jsonl
 from peftc.training.images import Pixels, accuracy, read_image_folder
-from peftc.training.seq2seq import Seq2SeqCachedDecoder
 from peftc.training.tasks import WHAT
 from peftc.export.genai import exported_model
-from peftc.training.generate import CachedDecoder, decoder_for, exact_match, greedy, onnx_decoder
+from peftc.training.generate import cached_decoder, decoder_for, exact_match, greedy, onnx_decoder
 from peftc.training.train import TrainConfig, train
 
 
@@ -114,8 +113,7 @@ def load_decoder(args):
     if not directory and not args.recompute:
         base = load_model(ref, args.dtype or "auto")
         if getattr(base, "can_generate", lambda: False)() and base.main_input_name == "input_ids":
-            decoder = Seq2SeqCachedDecoder(base) if base.config.is_encoder_decoder else CachedDecoder(base)
-            return decoder, ref, f"{ref} (base model, no adapter)"
+            return cached_decoder(base), ref, f"{ref} (base model, no adapter)"
     model, what = load_compiled(args, directory, manifest, ref)
     text_seq2seq = model.kind == "seq2seq-lm" and model.signature.names[0] == "input_ids"
     if model.kind != "causal-lm" and not text_seq2seq:

@@ -159,6 +159,11 @@ def onnx_logits(path: str | Path) -> Callable:
     return run
 
 
+def cached_decoder(hf_model):
+    """A transformers model's own KV-cache decoder, for a causal LM or an encoder-decoder."""
+    return Seq2SeqCachedDecoder(hf_model) if hf_model.config.is_encoder_decoder else CachedDecoder(hf_model)
+
+
 def decoder_for(model, recompute: bool = False):
     """The fastest exact decoder for a CompiledModel, a causal LM or an encoder-decoder: the merged weights
     in transformers with its KV cache when every adapter folds (and ``recompute`` is not asked for), else
@@ -168,8 +173,7 @@ def decoder_for(model, recompute: bool = False):
         merged = model if not model.records else model.merge()
         if model.kind in ("causal-lm", "seq2seq-lm") and not merged.records:
             try:
-                hf_model = hf_from_merged(merged)
-                return Seq2SeqCachedDecoder(hf_model) if seq2seq else CachedDecoder(hf_model)
+                return cached_decoder(hf_from_merged(merged))
             except PeftcError:
                 pass
     model.eval()
