@@ -204,10 +204,7 @@ class AdapterStep(OnnxStep):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.log_severity_level = 3     # not the warning that the factor inputs have initializers
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]    # the factors' defaults are not listed
-        self.heads = [(i.shape[1], i.shape[3]) for i in self.session.get_inputs()
-                      if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+        self._bind(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
         self.run_options = ort.RunOptions()
         if adapter is not None:
             self.lora = ort.LoraAdapter()

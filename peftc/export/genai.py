@@ -154,9 +154,13 @@ class OnnxStep:
     session is :func:`peftc.export.onnx.load_session`'s."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        self.session = load_session(path, threads)
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.heads = [(i.shape[1], i.shape[3]) for i in self.session.get_inputs()
+        self._bind(load_session(path, threads))
+
+    def _bind(self, session) -> None:
+        """Run ``session``: its inputs in order (initializers with defaults are not listed) and the cache's heads."""
+        self.session = session
+        self.inputs = [i.name for i in session.get_inputs()]
+        self.heads = [(i.shape[1], i.shape[3]) for i in session.get_inputs()
                       if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
 
     def empty(self, batch: int) -> list[np.ndarray]:
