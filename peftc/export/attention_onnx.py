@@ -7,7 +7,8 @@ decoder step those copies of the whole past are most of what attention costs. He
 ``g = heads / kv_heads`` heads that share a key/value head are stacked on the sequence axis instead
 (``(B, H, S, d) -> (B, H_kv, g·S, d)``, a free reshape, as head ``h`` reads kv head ``h // g``), so one
 ``MatMul`` against the untouched keys gives every group's scores; only the queries are scaled. The mask is
-broadcast over the groups by viewing the scores as ``(B, H_kv, g, S, T)``.
+brought to that layout (:func:`_grouped_mask`) by constant-shape ops, computed once for the layers that share
+it (ONNX Runtime merges the identical nodes), not by reshaping every layer's scores.
 
 The arithmetic is the same softmax((Q·scale) Kᵀ + mask) V; a boolean mask adds the dtype's lowest value where
 it is false, as torch.onnx's does (so a row that sees nothing averages instead of giving NaN)."""
@@ -47,29 +48,25 @@ def lower_sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_cau
     if boolean:
         attn_mask = op.Where(attn_mask, op.Constant(value=ir.tensor(0.0, dtype=query.dtype)),
                              op.Constant(value=ir.tensor(query.dtype.min, dtype=query.dtype)))
-    grouped = groups > 1 and attn_mask is not None
-    if grouped:
-        flat = op.Shape(scores)
-        scores = op.Reshape(scores, op.Concat(op.Shape(scores, start=0, end=2), ints(groups, -1),
-                                              op.Shape(scores, start=3, end=4), axis=0))
+    if groups > 1 and attn_mask is not None:
         attn_mask = _grouped_mask(op, attn_mask, mask_shape, kv_heads, groups, ints)
     weights = op.Softmax(scores if attn_mask is None else op.Add(scores, attn_mask), axis=-1)
-    if grouped:
-        weights = op.Reshape(weights, flat)
     out = op.MatMul(weights, value)                                        # (B, H_kv, g·S, d_v)
     return op.Reshape(out, ints(0, heads, -1, v_dim)) if groups > 1 else out
 
 
 def _grouped_mask(op, mask, shape, kv_heads: int, groups: int, ints):
-    """A mask of ``shape`` (B|1, 1|H, S, T) (2-D and 3-D broadcast as 4-D) viewed as (B|1, 1|H_kv, 1|g, S, T)
-    for scores (B, H_kv, g, S, T)."""
+    """A mask of ``shape`` (B|1, 1|H, S|1, T) (2-D and 3-D broadcast as 4-D) in the layout of the grouped
+    scores (B, H_kv, g·S, T), whose row ``j·S + s`` of kv head ``k`` is query head ``k·g + j`` at ``s``: a
+    per-head mask is the same memory viewed (B, H_kv, g·S, T), a mask shared by the heads is repeated ``g``
+    times along the rows (unless it is one row for every query). Both views have constant shapes."""
     rank = len(shape)
     if rank < 4:
         mask = op.Unsqueeze(mask, ints(*range(4 - rank)))
-    elif shape[1] == kv_heads * groups:
-        return op.Reshape(mask, op.Concat(op.Shape(mask, start=0, end=1), ints(kv_heads, groups),
-                                          op.Shape(mask, start=2, end=4), axis=0))
-    elif shape[1] != 1:
+        shape = (1,) * (4 - rank) + tuple(shape)
+    if shape[1] == kv_heads * groups:
+        return op.Reshape(mask, ints(0, kv_heads, -1, 0))
+    if shape[1] != 1:
         raise ValueError(f"scaled_dot_product_attention: a mask over {shape[1]} heads for "
                          f"{kv_heads * groups} query heads")
-    return op.Unsqueeze(mask, ints(2))
+    return mask if shape[2] == 1 else op.Concat(*[mask] * groups, axis=2)

@@ -24,6 +24,7 @@ from peftc.graph.signature import TEXT, Signature, signature_of
 from peftc.errors import ExportError
 from peftc.fsutil import atomic_path
 from peftc.export.aten_ops import lower, uncovered
+from peftc.export.fusions import fuse
 from peftc.export.lowerings import onnx_blockers, translation_table
 from peftc.export.precision import STORED, float32_compute, fold_weight_casts, keeps_weight_casts
 
@@ -329,7 +330,7 @@ def _convert(ep: torch.export.ExportedProgram, args: tuple, input_names: list[st
         _ir_passes.rename_inputs(program.model, input_names)
         _ir_passes.rename_outputs(program.model, output_names)
     onnxscript.optimizer.fold_constants(program.model, should_fold=keeps_weight_casts)
-    onnxscript.optimizer.remove_unused_nodes(program.model)
+    fuse(program.model)
     fold_weight_casts(program.model)
     return program, route
 

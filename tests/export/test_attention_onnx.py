@@ -30,6 +30,10 @@ def inputs(heads, kv_heads, mask_kind):
         mask = visible.expand(B, 1, S, T).clone()
         mask[1, :, :, :2] = False
         return q, k, v, mask
+    if mask_kind == "padding row":     # one row for every query (B, 1, 1, T): row 1 left-padded
+        mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+        mask[1, ..., :3] = False
+        return q, k, v, mask
     if mask_kind == "float per head":   # ALiBi-like: a bias for every query head
         return q, k, v, torch.randn(B, heads, S, T, generator=g)
     return q, k, v
@@ -38,7 +42,8 @@ def inputs(heads, kv_heads, mask_kind):
 def onnx_run(module, args, path):
     names = ["q", "k", "v", "mask"][:len(args)]
     batch, seq, total = (torch.export.Dim(n) for n in ("batch", "seq", "total"))
-    shapes = [{0: batch, 2: seq}, {0: batch, 2: total}, {0: batch, 2: total}, {0: batch, 2: seq, 3: total}]
+    mask_axes = {0: batch, 3: total} if len(args) > 3 and args[3].shape[2] == 1 else {0: batch, 2: seq, 3: total}
+    shapes = [{0: batch, 2: seq}, {0: batch, 2: total}, {0: batch, 2: total}, mask_axes]
     program = torch.onnx.export(module, args, dynamo=True, input_names=names, dynamic_shapes=shapes[:len(args)],
                                 custom_translation_table=translation_table())
     program.save(str(path))
@@ -48,7 +53,7 @@ def onnx_run(module, args, path):
 
 
 @pytest.mark.parametrize("heads, kv_heads, mask_kind, kwargs", [
-    (6, 2, "bool", {}), (6, 2, "float per head", {"scale": 0.3}), (6, 2, None, {}), (4, 1, None, {"is_causal": True}),
+    (6, 2, "bool", {}), (6, 2, "padding row", {}), (6, 2, "float per head", {"scale": 0.3}), (6, 2, None, {}), (4, 1, None, {"is_causal": True}),
     (4, 4, "bool", {}), (4, 4, "float per head", {}), (4, 4, None, {"is_causal": True})])
 def test_attention_in_onnx_runtime_equals_torch(heads, kv_heads, mask_kind, kwargs, tmp_path):
     kwargs = dict(kwargs, enable_gqa=heads != kv_heads)
