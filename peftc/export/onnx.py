@@ -330,8 +330,8 @@ def _convert(ep: torch.export.ExportedProgram, args: tuple, input_names: list[st
         _ir_passes.rename_inputs(program.model, input_names)
         _ir_passes.rename_outputs(program.model, output_names)
     onnxscript.optimizer.fold_constants(program.model, should_fold=keeps_weight_casts)
-    fuse(program.model)
     fold_weight_casts(program.model)
+    fuse(program.model)
     return program, route
 
 

@@ -176,7 +176,9 @@ def test_every_target_decodes_in_genai(tmp_path, target, op):
         assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer}
     if target == "int4":            # as the builder's CPU int4: int8 activations, and the head quantized too
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-        assert len(nbits) == len(merged.sites.linears)
+        features = sum(merged.graph_module.get_parameter(site.weight).shape[0] for site in merged.sites.linears)
+        assert sum(a.i for n in nbits for a in n.attribute if a.name == "N") == features, "every linear in int4"
+        assert len(nbits) == len(merged.sites.linears) - 3 * result.layers, "q/k/v and gate/up packed a layer"
         assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
     prompt = PROMPTS[0]
     tokens, _ = decode(OnnxStep(tmp_path / target / "model.onnx"), np.array([prompt]), np.ones((1, 7), np.int64), 8)
