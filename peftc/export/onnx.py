@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import io
 import logging
 import operator
-import platform
 import time
 import warnings
 from collections import Counter
@@ -23,6 +21,7 @@ from peftc.graph.capture import deepcopy_quietly, example_inputs, max_positions
 from peftc.graph.signature import TEXT, Signature, signature_of
 from peftc.errors import ExportError
 from peftc.fsutil import atomic_path
+from peftc.heap import LOAD_MMAP_THRESHOLD, M_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD, glibc
 from peftc.export.aten_ops import lower, uncovered
 from peftc.export.fusions import fuse
 from peftc.export.lowerings import onnx_blockers, translation_table
@@ -56,10 +55,6 @@ def providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-#: glibc's mallopt parameter; the threshold while a session loads (glibc's default) and after it
-M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD = -3, 128 << 10, 32 << 20
-
-
 def load_session(path: str | Path, threads: int | None = None):
     """An ONNX Runtime session of a decoder held in memory, on :func:`providers`.
 
@@ -72,7 +67,7 @@ def load_session(path: str | Path, threads: int | None = None):
     loading, a 32 MiB threshold keeps a step's buffers on the heap, reused: at glibc's 128 KiB each step
     mapped them anew, and a batch-8 int4 step took 65 ms instead of 45."""
     import onnxruntime as ort
-    libc = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
+    libc = glibc()
     if libc:
         libc.mallopt(M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)
     options = ort.SessionOptions()
