@@ -51,7 +51,8 @@ MATRIX = {
 #: why a cell is not HF PEFT's, and for a refused one the words of peftc's error
 MOE_IA3 = ("the MLPs are only stacked expert weights, which ia3 does not reach (HF PEFT's IA3 has no "
            "target_parameters)", "no 'down' linears: its MLPs are stacked expert weights")
-ENC_DEC = ("not built yet: HF PEFT's files cannot hold prefixes in the encoder, decoder and cross-attentions",
+ENC_DEC = ("not built yet: HF PEFT prefixes only the decoder's self-attention (it resets the "
+           "cross-attention cache; the encoder gets none), which the prefix pass does not select yet",
            "prefix on an encoder-decoder is not built yet")
 NO_PAST = ("HF PEFT loads the file but crashes: the model takes no past_key_values, so its lengthened mask "
            "meets unlengthened keys", None)

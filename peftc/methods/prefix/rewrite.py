@@ -201,10 +201,10 @@ class PrefixPass(Pass):
         allocate are checked."""
         opts = statement.options
         tokens, hidden, layers = opts["tokens"], opts.get("project"), opts.get("layers")
-        if ctx.kind == "seq2seq-lm":    # prefixes in the encoder too; Whisper's encoder positions cannot move
-            raise SpecError.at(statement.span, "prefix on an encoder-decoder is not built yet: HF PEFT's prefix "
-                               "tuning has no file for prefixes in its encoder, decoder and cross-attentions "
-                               "(lora, ia3 and prompt run on it)", ctx.spec.source)
+        if ctx.kind == "seq2seq-lm":    # HF PEFT: the decoder's self-attentions only, decoder positions shifted
+            raise SpecError.at(statement.span, "prefix on an encoder-decoder is not built yet (HF PEFT's prefix "
+                               "reaches only the decoder's self-attention; lora, ia3 and prompt run on it)",
+                               ctx.spec.source)
         earlier = [r for r in ctx.records if r.method == "prefix"]
         if earlier:
             first = ctx.spec.statements[earlier[0].statement]
