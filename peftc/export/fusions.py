@@ -55,11 +55,15 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
 
 
-def _constant(graph: ir.Graph, values: list[int], before: ir.Node, name: str) -> ir.Value:
+def _int64(values, name: str | None = None) -> ir.Node:
+    """A ``Constant`` node of int64 ``values`` (a list: a vector; an int: a scalar)."""
     import numpy as np
-    node = ir.node("Constant", [], {"value": ir.tensor(np.array(values, np.int64), name=name)})
-    graph.insert_before(before, node)
-    return node.outputs[0]
+    return ir.node("Constant", [], {"value": ir.tensor(np.array(values, np.int64), name=name)})
+
+
+def _dims(shape: ir.Shape) -> list:
+    """``shape``'s sizes, comparable across values: ints, and ("sym", name) for each dynamic size."""
+    return [d if isinstance(d, int) else ("sym", str(d)) for d in shape]
 
 
 def _shape_dims(part: ir.Value) -> list | None:
@@ -77,12 +81,12 @@ def _shape_dims(part: ir.Value) -> list | None:
         node = scalar.inputs[0].producer()
     if not _op(node, "Shape") or node.inputs[0].shape is None:
         return None
-    dims = list(node.inputs[0].shape)
+    dims = _dims(node.inputs[0].shape)
     start = node.attributes["start"].as_int() if "start" in node.attributes else 0
     end = node.attributes["end"].as_int() if "end" in node.attributes else len(dims)
     if start < 0 or end < 0:
         return None
-    return [d if isinstance(d, int) else ("sym", str(d)) for d in dims[start:end]]
+    return dims[start:end]
 
 
 def static_reshapes(graph: ir.Graph) -> int:
@@ -98,7 +102,7 @@ def static_reshapes(graph: ir.Graph) -> int:
         parts = [_shape_dims(p) for p in concat.inputs]
         if any(p is None for p in parts):
             continue
-        source = [d if isinstance(d, int) else ("sym", str(d)) for d in node.inputs[0].shape]
+        source = _dims(node.inputs[0].shape)
         target = [d for p in parts for d in p]
         shape = [0 if isinstance(d, tuple) and i < len(source) and source[i] == d else d
                  for i, d in enumerate(target)]
@@ -107,7 +111,9 @@ def static_reshapes(graph: ir.Graph) -> int:
             continue
         for i in unknown:
             shape[i] = -1
-        node.replace_input_with(1, _constant(graph, shape, node, f"{node.outputs[0].name}_shape"))
+        constant = _int64(shape, f"{node.outputs[0].name}_shape")
+        graph.insert_before(node, constant)
+        node.replace_input_with(1, constant.outputs[0])
         changed += 1
     return changed
 
@@ -231,10 +237,9 @@ def _after(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
 
 def _flat_positions(graph: ir.Graph, table: ir.Value) -> ir.Value:
     """``arange(batch·sequence).reshape(batch, sequence)`` for ``table`` (batch, sequence, ·)."""
-    import numpy as np
     shape = ir.node("Shape", [table], {"start": 0, "end": 2})
     count = ir.node("ReduceProd", [shape.outputs[0]], {"keepdims": 0})
-    zero, one = (ir.node("Constant", [], {"value": ir.tensor(np.array(v, np.int64))}) for v in (0, 1))
+    zero, one = _int64(0), _int64(1)
     arange = ir.node("Range", [zero.outputs[0], count.outputs[0], one.outputs[0]])
     flat = ir.node("Reshape", [arange.outputs[0], shape.outputs[0]])
     return _after(graph, table, [shape, count, zero, one, arange, flat])
@@ -242,11 +247,7 @@ def _flat_positions(graph: ir.Graph, table: ir.Value) -> ir.Value:
 
 def _half_rows(graph: ir.Graph, table: ir.Value, half: int) -> ir.Value:
     """``table[..., :half]`` as (batch·sequence, half) rows."""
-    import numpy as np
-
-    def const(*values):
-        return ir.node("Constant", [], {"value": ir.tensor(np.array(values, np.int64))})
-    starts, ends, axes, rows = const(0), const(half), const(-1), const(-1, half)
+    starts, ends, axes, rows = _int64([0]), _int64([half]), _int64([-1]), _int64([-1, half])
     cut = ir.node("Slice", [table, starts.outputs[0], ends.outputs[0], axes.outputs[0]])
     flat = ir.node("Reshape", [cut.outputs[0], rows.outputs[0]])
     return _after(graph, table, [starts, ends, axes, rows, cut, flat])
@@ -304,19 +305,21 @@ def skip_rms_norms(model: ir.Model) -> int:
     return fused
 
 
-#: how each packable op holds its output features: (op, weight inputs, the axis of N in each)
-_PACKABLE = {"MatMul": ((1,), 1), "MatMulNBits": ((1, 2, 3), 0)}
+#: how each packable op holds its output features: (domain, op) -> (its weight inputs, the axis of N in each)
+_PACKABLE = {("", "MatMul"): ((1,), 1), ("com.microsoft", "MatMulNBits"): ((1, 2, 3), 0)}
+
+
+def _packable(node: ir.Node) -> tuple[tuple[int, ...], int] | None:
+    return _PACKABLE.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
 
 
 def _weights(node: ir.Node) -> tuple | None:
     """The packing key of a matmul with constant, non-input weights (its op, attributes but N, and the
     shape of each weight off the N axis), or None."""
-    if node.op_type not in _PACKABLE or node.domain not in (("", "ai.onnx") if node.op_type == "MatMul"
-                                                             else ("com.microsoft",)):
+    layout = _packable(node)
+    if layout is None or len(node.inputs) != max(layout[0]) + 1:     # with a bias or g_idx input: not packed
         return None
-    inputs, axis = _PACKABLE[node.op_type]
-    if len(node.inputs) != max(inputs) + 1 and node.op_type == "MatMulNBits":
-        return None
+    inputs, axis = layout
     weights = [node.inputs[i] for i in inputs]
     if any(w is None or w.const_value is None or not w.is_initializer() or w.is_graph_input() for w in weights):
         return None
@@ -341,9 +344,8 @@ def _concatenated(tensors: list, axis: int, name: str):
 
 
 def _pack(graph: ir.Graph, group: list[ir.Node]) -> None:
-    import numpy as np
     first = group[0]
-    inputs, axis = _PACKABLE[first.op_type]
+    inputs, axis = _packable(first)
     packed = list(first.inputs)
     for i in inputs:
         name = f"{first.outputs[0].name}_packed_{i}"
@@ -356,9 +358,9 @@ def _pack(graph: ir.Graph, group: list[ir.Node]) -> None:
         attributes["N"] = ir.AttrInt64("N", sum(sizes))
     matmul = ir.Node(first.domain, first.op_type, packed, attributes=list(attributes.values()),
                      name=f"{first.outputs[0].name}_packed")
-    split = ir.node("Split", [matmul.outputs[0], ir.node("Constant", [], {
-        "value": ir.tensor(np.array(sizes, np.int64))}).outputs[0]], {"axis": -1}, num_outputs=len(group))
-    graph.insert_before(first, [split.inputs[1].producer(), matmul, split])
+    sizes_node = _int64(sizes)
+    split = ir.node("Split", [matmul.outputs[0], sizes_node.outputs[0]], {"axis": -1}, num_outputs=len(group))
+    graph.insert_before(first, [sizes_node, matmul, split])
     for node, out in zip(group, split.outputs):
         _replace(node.outputs[0], out)
 
