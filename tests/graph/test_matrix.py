@@ -45,15 +45,16 @@ MATRIX = {
     "Mixtral": row(ia3=REFUSED), "Qwen2-MoE": row(), "Qwen3-MoE": row(ia3=REFUSED),
     "RoBERTa": row(), "DeBERTa-v2": row(prefix=REFUSED), "ModernBERT": row(prefix=EAGER),
     "DistilBERT": row(prefix=EAGER),
-    "T5": row(prefix=REFUSED), "BART": row(prefix=REFUSED), "ViT": row(prompt=REFUSED, prefix=EAGER),
-    "Whisper": row(prompt=REFUSED, prefix=REFUSED),
+    "T5": row(prefix=REFUSED), "BART": row(), "ViT": row(prompt=REFUSED, prefix=EAGER),
+    "Whisper": row(prompt=REFUSED, prefix=EAGER),
 }
 #: why a cell is not HF PEFT's, and for a refused one the words of peftc's error
 MOE_IA3 = ("the MLPs are only stacked expert weights, which ia3 does not reach (HF PEFT's IA3 has no "
            "target_parameters)", "no 'down' linears: its MLPs are stacked expert weights")
-ENC_DEC = ("not built yet: HF PEFT prefixes only the decoder's self-attention (it resets the "
-           "cross-attention cache; the encoder gets none), which the prefix pass does not select yet",
-           "prefix on an encoder-decoder is not built yet")
+T5_BIAS = ("its decoder's scores add a learned relative-position bias, which HF PEFT (through the cache) "
+           "extends over the prefix keys and the graph rewrite does not", "learned relative-position bias")
+NO_IDS = ("HF PEFT crashes (its encoder-decoder forward asks for input_ids or inputs_embeds; Whisper takes "
+          "input_features); the reference is the model fed the cache HF PEFT's own get_prompt builds", None)
 NO_PAST = ("HF PEFT loads the file but crashes: the model takes no past_key_values, so its lengthened mask "
            "meets unlengthened keys", None)
 NO_TOKENS = ("no token embedding (the inputs are pixels or audio features) for a soft prompt",
@@ -63,7 +64,7 @@ REASONS = {
     ("DeBERTa-v2", "prefix"): ("its scores add relative-position terms from q and k, which a prefix position "
                                "has none of", "prefix cannot rewrite the attention at encoder.layer.0"),
     ("ModernBERT", "prefix"): NO_PAST, ("DistilBERT", "prefix"): NO_PAST,
-    ("T5", "prefix"): ENC_DEC, ("BART", "prefix"): ENC_DEC, ("Whisper", "prefix"): ENC_DEC,
+    ("T5", "prefix"): T5_BIAS, ("Whisper", "prefix"): NO_IDS,
     ("ViT", "prompt"): NO_TOKENS, ("Whisper", "prompt"): NO_TOKENS,
     ("ViT", "prefix"): ("HF PEFT refuses to load a prefix onto a model without a vocabulary "
                         "(it reads config.vocab_size)", None),
@@ -160,6 +161,15 @@ def prefixed_reference(arch: str, directory, feeds: dict) -> torch.Tensor:
     return result
 
 
+def cached_reference(arch: str, directory, feeds: dict) -> torch.Tensor:
+    """An encoder-decoder fed, as past_key_values, the cache HF PEFT's get_prompt builds from peftc's file
+    (the decoder's self-attention prefixes, an empty cross-attention cache): what HF PEFT's forward does
+    with models it can call."""
+    peft_model = PeftModel.from_pretrained(build(arch), str(directory)).eval()
+    batch = next(iter(feeds.values())).shape[0]
+    return output(peft_model.get_base_model(), dict(feeds, past_key_values=peft_model.get_prompt(batch)))
+
+
 @pytest.mark.parametrize("arch, method", CELLS, ids=IDS)
 def test_cell(arch, method, tmp_path):
     claim, spec = MATRIX[arch][method], METHODS[method]
@@ -180,7 +190,8 @@ def test_cell(arch, method, tmp_path):
     assert_differs(ours, base, rel=10 * SAME_FUNCTION, why="live adapters, far over the comparison's bound")
     model.save_hf_peft(tmp_path)
     if claim == EAGER:
-        expected = prefixed_reference(arch, tmp_path, feeds)
+        reference = cached_reference if arch in ENCODER_DECODERS else prefixed_reference
+        expected = reference(arch, tmp_path, feeds)
     elif method == "merge+ONNX":
         merged = model.merge()
         hf = PeftModel.from_pretrained(build(arch), str(tmp_path)).merge_and_unload().eval()

@@ -106,12 +106,15 @@ def _is_arange_buffer(gm: GraphModule, node) -> bool:
     return value.dtype in INT_DTYPES and torch.equal(value.flatten(), torch.arange(value.numel()))
 
 
-def shift_positions(emit: Emit, tokens: int) -> list[str]:
-    """Add ``tokens`` to the position ids on the path to the attention inputs; returns the roots shifted."""
+def shift_positions(emit: Emit, tokens: int, within: set[Node] | None = None) -> list[str]:
+    """Add ``tokens`` to the position ids on the path to the attention inputs (only those of ``within``,
+    an encoder-decoder's decoder, where given); returns the roots shifted."""
     gm = emit.ctx.gm
     on_path = _position_path(gm)
     shifted = []
     for root in position_roots(gm):
+        if within is not None and root not in within:
+            continue
         users = [u for u in root.users if u in on_path]
         if not users:
             continue

@@ -37,6 +37,7 @@ from peftc.graph.capture import module_path
 from peftc.methods.prefix.attention import AttentionSite, Emit, attention_call, attention_sites, extend_attention
 from peftc.methods.prefix.explicit import SOFTMAX_OPS, explicit_attention, weighs_values
 from peftc.methods.prefix.positions import shift_positions
+from peftc.methods.prefix.seq2seq import decoder_nodes, hf_blocks, learned_bias
 from peftc.methods.prefix.window import attention_windows
 
 aten = torch.ops.aten
@@ -75,12 +76,16 @@ class PrefixRecord(Record):
     site: AttentionSite
     module: str                  # attribute name of the PrefixWeights on the graph module
     tokens: int
-    index: int                   # position among the statement's attentions (its block in HF's layout)
+    index: int                   # its block in HF PEFT's layout (the position among the attentions, or
+                                 # on an encoder-decoder 2i mod L: see peftc.methods.prefix.seq2seq)
     nodes: list[str] = field(default_factory=list)
     #: the position-id nodes shifted by P (shared by the statement's records)
     shifted: list[str] = field(default_factory=list)
     #: the attention's sliding window, if its mask has one: prefix positions leave it like cached tokens
     window: int | None = None
+    #: False where the prefixes are an earlier attention's (HF PEFT's encoder-decoder layout shares
+    #: blocks): that record names the parameters
+    owner: bool = True
     method: str = "prefix"
 
     @property
@@ -90,15 +95,19 @@ class PrefixRecord(Record):
     @property
     def positions(self) -> int:
         """Positions the shifted position ids take from the model's maximum length (counted once)."""
-        return self.tokens if self.shifted and self.index == 0 else 0
+        return self.tokens if self.shifted and self.index == 0 and self.owner else 0
 
     def parameters(self, gm: GraphModule) -> dict[str, nn.Parameter]:
+        return self.weights(gm) if self.owner else {}
+
+    def weights(self, gm: GraphModule) -> dict[str, nn.Parameter]:
+        """The key and value prefixes this attention reads, whichever record owns them."""
         weights = gm.get_submodule(self.module)
         return {name: getattr(weights, name) for name in ("key", "value") if hasattr(weights, name)}
 
     def prefixes(self, gm: GraphModule, encoder: "PrefixEncoderRecord | None" = None):
         """(key, value), (kv_heads, P, head_dim) each, as the model computes them now."""
-        params = self.parameters(gm)
+        params = self.weights(gm)
         if params:
             return params["key"].detach(), params["value"].detach()
         if encoder is None:
@@ -115,7 +124,8 @@ class PrefixEncoderRecord(Record):
     module: str
     tokens: int
     hidden: int
-    sites: list[AttentionSite]   # the attentions it feeds, in the order of its output blocks
+    sites: list[AttentionSite]   # the attentions it feeds, each reading block ``blocks[i]`` of its output
+    blocks: list[int]
     nodes: list[str] = field(default_factory=list)   # every node it inserted (MLP and per-layer splits)
     #: (layer module, name of the node giving its key prefix, of its value prefix)
     outputs: list[tuple[str, str, str]] = field(default_factory=list)
@@ -161,16 +171,18 @@ class PrefixPass(Pass):
         nodes = {n.name: n for n in ctx.gm.graph.nodes}
         calls = {s.node: attention_call(nodes[s.node]) for s in sites}
         windows = attention_windows(ctx.gm, ctx.config, list(calls.values()), ctx.value)
-        records = [PrefixRecord(statement=index, site=s, module=f"peftc_prefix_{i}", tokens=tokens, index=i,
-                                window=windows.get(s.node)) for i, s in enumerate(sites)]
-        for record in records:
+        blocks = hf_blocks(len(sites), ctx.kind == "seq2seq-lm")
+        records = [PrefixRecord(statement=index, site=s, module=f"peftc_prefix_{b}", tokens=tokens, index=b,
+                                window=windows.get(s.node), owner=b not in blocks[:i])
+                   for i, (s, b) in enumerate(zip(sites, blocks))]
+        for record in (r for r in records if r.owner):
             s = record.site
             ctx.add_module(record.module, PrefixWeights(s.kv_heads, tokens, s.head_dim, empty=hidden is not None)
                            .to(ctx.dtypes(s.node)[1]))
         encoder = None
         if hidden is not None:
             encoder = PrefixEncoderRecord(statement=index, module="peftc_prefix_encoder", tokens=tokens,
-                                          hidden=hidden, sites=sites)
+                                          hidden=hidden, sites=sites, blocks=blocks)
             ctx.add_module(encoder.module, PrefixEncoder(tokens, sites[0].token_dim, hidden, len(sites))
                            .to(ctx.dtypes(sites[0].node)[1]))
             prefix_nodes = _emit_encoder(emit, encoder, records, calls[sites[0].node].first)
@@ -186,7 +198,7 @@ class PrefixPass(Pass):
                              ctx.dtypes(s.node)[1], record.window)
             record.nodes = [n.name for n in emit.nodes[start:]]
         start = len(emit.nodes)
-        shifted = shift_positions(emit, tokens)
+        shifted = shift_positions(emit, tokens, decoder_nodes(ctx.gm) if ctx.kind == "seq2seq-lm" else None)
         for record in records:
             record.nodes += [n.name for n in emit.nodes[start:]]
             record.shifted = shifted
@@ -201,10 +213,6 @@ class PrefixPass(Pass):
         allocate are checked."""
         opts = statement.options
         tokens, hidden, layers = opts["tokens"], opts.get("project"), opts.get("layers")
-        if ctx.kind == "seq2seq-lm":    # HF PEFT: the decoder's self-attentions only, decoder positions shifted
-            raise SpecError.at(statement.span, "prefix on an encoder-decoder is not built yet (HF PEFT's prefix "
-                               "reaches only the decoder's self-attention; lora, ia3 and prompt run on it)",
-                               ctx.spec.source)
         earlier = [r for r in ctx.records if r.method == "prefix"]
         if earlier:
             first = ctx.spec.statements[earlier[0].statement]
@@ -218,6 +226,8 @@ class PrefixPass(Pass):
                                "softmax(f(q·kᵀ) + mask)·v with scores from q·kᵀ alone (scores with "
                                "relative-position terms from q or k are not rewritten)", ctx.spec.source)
         sites = attention_sites(ctx)
+        if ctx.kind == "seq2seq-lm":
+            sites = _decoder_self_attentions(ctx, statement, sites)
         if not sites:
             raise SpecError.at(statement.span, "prefix needs scaled_dot_product_attention calls (or a spelt-out "
                                "softmax(q·kᵀ)·v) in the model, and it has no attention; the model has "
@@ -250,9 +260,9 @@ class PrefixPass(Pass):
         if not torch.isfinite(flat).all():
             raise PassError("the prefix encoder's output contains NaN or inf; refusing to merge")
         nodes = {n.name: n for n in gm.graph.nodes}
-        for index, ((module, key_name, value_name), site) in enumerate(zip(record.outputs, record.sites)):
+        for (module, key_name, value_name), site, block in zip(record.outputs, record.sites, record.blocks):
             weights = gm.get_submodule(module)
-            key, value = split(flat, index, site)
+            key, value = split(flat, block, site)
             weights.key = nn.Parameter(key)
             weights.value = nn.Parameter(value)
             for name, attr in ((key_name, "key"), (value_name, "value")):
@@ -264,6 +274,24 @@ class PrefixPass(Pass):
         for name in reversed(record.nodes):
             gm.graph.erase_node(nodes[name])
         gm.delete_submodule(record.module)
+
+
+def _decoder_self_attentions(ctx: CompileContext, statement, sites: list[AttentionSite]) -> list[AttentionSite]:
+    """An encoder-decoder's attentions that take prefixes: the decoder's self-attentions, whose keys come
+    from the decoder's tokens (see :mod:`peftc.methods.prefix.seq2seq`)."""
+    where = ctx.spec.source
+    if statement.options.get("layers") is not None:
+        raise SpecError.at(statement.span, "layers= is not taken on an encoder-decoder: HF PEFT's prefix "
+                           "reaches every layer of the decoder", where)
+    decoder = decoder_nodes(ctx.gm)
+    nodes = {n.name: n for n in ctx.gm.graph.nodes}
+    chosen = [s for s in sites if attention_call(nodes[s.node]).key in decoder]
+    for site in chosen:
+        if learned_bias(attention_call(nodes[site.node]).mask):
+            raise SpecError.at(statement.span, f"prefix on {site.path} is not built: its scores add a learned "
+                               "relative-position bias (T5's), which HF PEFT extends over the prefix keys and "
+                               "peftc does not; lora, ia3 and prompt run on this model", where)
+    return chosen
 
 
 def _emit_encoder(emit: Emit, encoder: PrefixEncoderRecord, records: list[PrefixRecord],

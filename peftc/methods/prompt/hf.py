@@ -86,17 +86,16 @@ def _save_prefix(model, records) -> tuple[dict, dict]:
     _check_prefix_layout(model, layers, shapes, "this model")
     gm = model.graph_module
     tokens = layers[0].tokens
-    if encoder is not None and not layers[0].parameters(gm):
+    if encoder is not None and not layers[0].weights(gm):
         with torch.no_grad():
             flat = gm.get_submodule(encoder.module)()
-    else:
-        blocks = []
-        for record in layers:
-            for t in record.prefixes(gm):
-                blocks.append(t.permute(1, 0, 2).reshape(tokens, -1))
+    else:      # HF PEFT's block b: the prefixes of the attentions reading it; zeros where none does
+        owners = {r.index: r for r in layers if r.owner}
+        blocks = [torch.cat([t.permute(1, 0, 2).reshape(tokens, -1) for t in owners[b].prefixes(gm)], 1)
+                  if b in owners else torch.zeros(tokens, 2 * shapes["token_dim"]) for b in range(len(layers))]
         flat = torch.cat(blocks, 1)
     hidden = encoder.hidden if encoder is not None else None
-    fields = {"num_virtual_tokens": tokens, **shapes, "num_transformer_submodules": 1,
+    fields = {"num_virtual_tokens": tokens, **shapes, "num_transformer_submodules": _submodules(model),
               "encoder_hidden_size": hidden or shapes["token_dim"], "prefix_projection": hidden is not None,
               "init_weights": None, "modules_to_save": None}
     return fields, {KEY: flat.detach().to(torch.float32).contiguous()}
@@ -105,11 +104,11 @@ def _save_prefix(model, records) -> tuple[dict, dict]:
 def _load_prefix(model, records, config: dict, tensors: dict, path) -> None:
     layers, encoder = _prefix_parts(model)
     gm = model.graph_module
-    if encoder is not None and not layers[0].parameters(gm):
+    if encoder is not None and not layers[0].weights(gm):
         raise AdapterError(f"{path} holds the prefixes themselves; this model learns them through a "
                            "project= MLP, which cannot be recovered from them (compile 'prefix tokens=N' "
                            "without project=, as peftc.load_hf_peft does)")
-    _check_common(config, path)
+    _check_common(config, path, _submodules(model))
     check_keys(path, tensors, {KEY})
     flat = tensors[KEY]
     shapes = {"num_layers": config.get("num_layers"), "token_dim": config.get("token_dim"),
@@ -122,15 +121,15 @@ def _load_prefix(model, records, config: dict, tensors: dict, path) -> None:
                            f"{config.get('num_virtual_tokens')} virtual tokens; the compiled model expects "
                            f"{want} ({tokens} tokens)")
     for record in layers:
-        key, value = split(flat, record.site.layer, record.site)
-        params = record.parameters(gm)
+        key, value = split(flat, record.index, record.site)
+        params = record.weights(gm)
         with torch.no_grad():
             params["key"].copy_(key.to(params["key"].dtype))
             params["value"].copy_(value.to(params["value"].dtype))
 
 
 def _prefix_spec(config: dict, sites) -> str:
-    _check_common(config, "adapter_config.json")
+    _check_common(config, "adapter_config.json", (1, 2))
     return f"prefix tokens={int(config['num_virtual_tokens'])}\n"
 
 
@@ -176,18 +175,25 @@ def _prompt_spec(config: dict, sites) -> str:
     return f"prompt tokens={int(config['num_virtual_tokens'])}\n"
 
 
-def _check_common(config: dict, path) -> None:
+def _submodules(model) -> int:
+    """HF PEFT's ``num_transformer_submodules`` for a prefix: 2 on an encoder-decoder (its decoder's cache
+    holds self- and cross-attention), else 1."""
+    return 2 if model.kind == "seq2seq-lm" else 1
+
+
+def _check_common(config: dict, path, expected: int | tuple[int, ...] = 1) -> None:
     submodules = config.get("num_transformer_submodules", 1)
-    if submodules not in (1, None) or isinstance(submodules, bool):
-        raise AdapterError(f"{path}: num_transformer_submodules = {submodules!r} "
-                           "(an encoder-decoder model) is not supported; peftc reads 1")
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    if (submodules not in allowed and submodules is not None) or isinstance(submodules, bool):
+        raise AdapterError(f"{path}: num_transformer_submodules = {submodules!r}; peftc reads "
+                           f"{' or '.join(map(str, allowed))} for this model")
     check_int(config, "num_virtual_tokens", path, REQUIRED)
     for key in ("num_layers", "token_dim", "num_attention_heads"):
         check_int(config, key, path)
 
 
 def _check_prefix(config: dict, path) -> None:
-    _check_common(config, path)
+    _check_common(config, path, (1, 2))
     for key in ("num_layers", "token_dim", "num_attention_heads"):    # the layout of prompt_embeddings
         check_int(config, key, path, REQUIRED)
 
