@@ -221,6 +221,9 @@ def test_hf_files_refuse_what_hf_peft_cannot_hold(tiny, tmp_path):
     with pytest.raises(peftc.AdapterError, match="every one of the model's 4 layers"):
         model.save_hf_peft(tmp_path)
     falcon = peftc.compile(tiny("tiny-falcon"), "prefix tokens=2")      # multi-query: 1 kv head
+    fused = [(site.path, site.role, site.slices and {r: len(f) for r, f in site.slices.items()})
+             for site in falcon.sites.by_node.values() if site.slices or site.role == "qkv"]
+    assert [(r.site.kv_heads, r.site.head_dim) for r in falcon.records] == [(1, 16)] * 4, fused
     with pytest.raises(peftc.AdapterError, match="cannot hold this model's prefixes"):
         falcon.save_hf_peft(tmp_path)
     projected = peftc.compile(tiny("tiny-llama"), "prefix tokens=2 project=8")
