@@ -1,11 +1,12 @@
 """``prefix`` on an encoder-decoder (BART), against HF PEFT's ``SEQ_2_SEQ_LM`` prefix tuning: HF PEFT
 writes the file and peftc reads it, peftc writes it and HF PEFT reads it, and the outputs are the same.
 Four decoder layers, so HF PEFT's layout (decoder layer i reads block 2i mod L of its prefix tensor, see
-peftc/methods/prefix/seq2seq.py) shows: layers 2 and 3 take layers 0 and 1's prefixes."""
+peftc/methods/prefix/seq2seq.py) shows: layers 2 and 3 take layers 0 and 1's prefixes. And HF PEFT's own
+encoder-decoder prompt-tuning files (2P rows, as its default writes them) load into peftc."""
 import pytest
 import torch
 import transformers as T
-from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
 import peftc
 from conftest import randomize_adapters
@@ -35,12 +36,17 @@ def hf_logits(model) -> torch.Tensor:
         return model(**feeds()).logits
 
 
-def test_hf_pefts_file_gives_hf_pefts_outputs_both_ways(tmp_path):
-    hf = get_peft_model(bart(), PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=TOKENS))
+def hf_peft(model, config):
+    """HF PEFT's model with its prompt encoder at N(0, 1), as a trained one would be far from zero."""
+    hf = get_peft_model(model, config)
     with torch.no_grad():
         for param in hf.prompt_encoder.parameters():
             param.normal_(generator=torch.Generator().manual_seed(2))
-    hf.eval()
+    return hf.eval()
+
+
+def test_hf_pefts_file_gives_hf_pefts_outputs_both_ways(tmp_path):
+    hf = hf_peft(bart(), PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=TOKENS))
     expected = hf_logits(hf)
     assert_differs(expected, hf_logits(bart()), rel=10 * SAME_FUNCTION, why="the prefixes move the logits")
     hf.save_pretrained(tmp_path / "hf")
@@ -58,6 +64,22 @@ def test_hf_pefts_file_gives_hf_pefts_outputs_both_ways(tmp_path):
     model.save_hf_peft(tmp_path / "ours")
     back = PeftModel.from_pretrained(bart(), str(tmp_path / "ours")).eval()
     assert_close(hf_logits(back), expected, rel=SAME_FUNCTION, why="the same prefixes read back")
+    with torch.no_grad():
+        loaded = peftc.load_hf_peft(bart(), tmp_path / "hf")(**feeds())
+    assert_close(loaded, expected, rel=SAME_FUNCTION, why="the spec read from HF PEFT's config")
+
+
+def test_hf_pefts_default_prompt_file_loads(tmp_path):
+    """HF PEFT's SEQ_2_SEQ_LM prompt tuning learns 2P rows (num_transformer_submodules 2) and reads the
+    first P, before the encoder's input."""
+    hf = hf_peft(bart(), PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=TOKENS))
+    assert hf.peft_config["default"].num_transformer_submodules == 2
+    expected = hf_logits(hf)
+    assert_differs(expected, hf_logits(bart()), rel=10 * SAME_FUNCTION, why="the prompt moves the logits")
+    hf.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ours = peftc.load_hf_peft(bart(), tmp_path)(**feeds())
+    assert_close(ours, expected, rel=SAME_FUNCTION, why="the same prompt rows, summed in another order")
 
 
 @pytest.mark.parametrize("spec", [f"prefix tokens={TOKENS}", f"prefix tokens={TOKENS} project=8"])

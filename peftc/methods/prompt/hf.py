@@ -158,11 +158,17 @@ def _save_prompt(model, records) -> tuple[dict, dict]:
 
 
 def _load_prompt(model, records, config: dict, tensors: dict, path) -> None:
-    _check_common(config, path)
+    """HF PEFT's own encoder-decoder prompt files (``SEQ_2_SEQ_LM``, its default
+    ``num_transformer_submodules`` = 2) hold 2P rows, of which its prompt-tuning forward and generate read
+    the first P, before the encoder's input: peftc reads those."""
+    submodules = config.get("num_transformer_submodules") or 1
+    _check_common(config, path, (1, 2) if model.kind == "seq2seq-lm" else 1)
     check_keys(path, tensors, {KEY})
     record = _prompt_record(model)
     param = record.parameters(model.graph_module)["embedding"]
     value = tensors[KEY]
+    if submodules == 2 and tuple(value.shape) == (2 * param.shape[0], param.shape[1]):
+        value = value[:param.shape[0]]
     if tuple(value.shape) != tuple(param.shape):
         raise AdapterError(f"{path}: prompt_embeddings has shape {tuple(value.shape)}; the compiled model "
                            f"expects {tuple(param.shape)} ({record.tokens} tokens × {record.dim})")
@@ -171,7 +177,7 @@ def _load_prompt(model, records, config: dict, tensors: dict, path) -> None:
 
 
 def _prompt_spec(config: dict, sites) -> str:
-    _check_common(config, "adapter_config.json")
+    _check_common(config, "adapter_config.json", (1, 2))
     return f"prompt tokens={int(config['num_virtual_tokens'])}\n"
 
 
@@ -199,4 +205,5 @@ def _check_prefix(config: dict, path) -> None:
 
 
 register_format(Format("prefix", "PREFIX_TUNING", _save_prefix, _load_prefix, _prefix_spec, _check_prefix))
-register_format(Format("prompt", "PROMPT_TUNING", _save_prompt, _load_prompt, _prompt_spec, _check_common))
+register_format(Format("prompt", "PROMPT_TUNING", _save_prompt, _load_prompt, _prompt_spec,
+                       lambda config, path: _check_common(config, path, (1, 2))))
