@@ -45,14 +45,12 @@ MATRIX = {
     "Mixtral": row(ia3=REFUSED), "Qwen2-MoE": row(), "Qwen3-MoE": row(ia3=REFUSED),
     "RoBERTa": row(), "DeBERTa-v2": row(prefix=REFUSED), "ModernBERT": row(prefix=EAGER),
     "DistilBERT": row(prefix=EAGER),
-    "T5": row(prefix=REFUSED), "BART": row(), "ViT": row(prompt=REFUSED, prefix=EAGER),
+    "T5": row(), "BART": row(), "ViT": row(prompt=REFUSED, prefix=EAGER),
     "Whisper": row(prompt=REFUSED, prefix=EAGER),
 }
 #: why a cell is not HF PEFT's, and for a refused one the words of peftc's error
 MOE_IA3 = ("the MLPs are only stacked expert weights, which ia3 does not reach (HF PEFT's IA3 has no "
            "target_parameters)", "no 'down' linears: its MLPs are stacked expert weights")
-T5_BIAS = ("its decoder's scores add a learned relative-position bias, which HF PEFT (through the cache) "
-           "extends over the prefix keys and the graph rewrite does not", "learned relative-position bias")
 NO_IDS = ("HF PEFT crashes (its encoder-decoder forward asks for input_ids or inputs_embeds; Whisper takes "
           "input_features); the reference is the model fed the cache HF PEFT's own get_prompt builds", None)
 NO_PAST = ("HF PEFT loads the file but crashes: the model takes no past_key_values, so its lengthened mask "
@@ -64,7 +62,7 @@ REASONS = {
     ("DeBERTa-v2", "prefix"): ("its scores add relative-position terms from q and k, which a prefix position "
                                "has none of", "prefix cannot rewrite the attention at encoder.layer.0"),
     ("ModernBERT", "prefix"): NO_PAST, ("DistilBERT", "prefix"): NO_PAST,
-    ("T5", "prefix"): T5_BIAS, ("Whisper", "prefix"): NO_IDS,
+    ("Whisper", "prefix"): NO_IDS,
     ("ViT", "prompt"): NO_TOKENS, ("Whisper", "prompt"): NO_TOKENS,
     ("ViT", "prefix"): ("HF PEFT refuses to load a prefix onto a model without a vocabulary "
                         "(it reads config.vocab_size)", None),

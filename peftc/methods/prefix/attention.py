@@ -15,6 +15,7 @@ from peftc.graph.analysis import ATTENTION_OPS, layer_of
 from peftc.graph.capture import module_path
 from peftc.methods.prefix.explicit import (PROBABILITY_OPS, RESHAPE_OPS, SOFTMAX_OPS, AttentionCall,
                                            explicit_attention)
+from peftc.methods.prefix.seq2seq import learned_bias, relative_bias_columns
 
 aten = torch.ops.aten
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -43,6 +44,7 @@ class Emit:
         self.ctx, self.statement, self.index, self.keyword = ctx, statement, index, keyword
         self.graph = ctx.gm.graph
         self.nodes: list[Node] = []
+        self.memo: dict[Node, Node] = {}     # per mask: its extension, built once for the attentions sharing it
 
     def __call__(self, target, *args, **kwargs) -> Node:
         node = self.graph.call_function(target, args, kwargs)
@@ -170,6 +172,10 @@ def _extend_mask(emit: Emit, mask: Node, tokens: int, seen: Node | None = None) 
     val = mask.meta.get("val")
     is_bool = val is None or val.dtype == torch.bool
     ndim = val.dim() if val is not None else 4
+    if seen is None and learned_bias(mask):         # T5's relative-position bias, over the prefix keys too
+        if mask not in emit.memo:
+            emit.memo[mask] = emit(aten.cat.default, [relative_bias_columns(emit, mask, tokens), mask], ndim - 1)
+        return emit.memo[mask]
     first = emit(aten.slice.Tensor, mask, ndim - 1, 0, 1)
     fill = emit(aten.full_like.default, first, True if is_bool else 0.0)
     if seen is None:

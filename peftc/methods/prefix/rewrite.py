@@ -17,6 +17,9 @@ reach the attention's query, key or value inputs (an ``arange`` over the sequenc
 attention mask as OPT computes it, or a slice of a position-id buffer as BERT keeps it) and adds P to them
 on that path only; the aranges that build the mask keep their values (q and kv indices shift together).
 
+On an encoder-decoder only the decoder's self-attentions get prefixes and only its positions move, in HF
+PEFT's layout of blocks (:mod:`peftc.methods.prefix.seq2seq`).
+
 ``project=H`` is HF PEFT's ``prefix_projection``: an embedding (P × kv_heads·head_dim) and a two-layer MLP
 with tanh produce every layer's prefixes while training. ``merge()`` folds it into plain prefixes, so the
 merged model and its ONNX export hold only the (P × kv_heads × head_dim) tensors."""
@@ -37,7 +40,7 @@ from peftc.graph.capture import module_path
 from peftc.methods.prefix.attention import AttentionSite, Emit, attention_call, attention_sites, extend_attention
 from peftc.methods.prefix.explicit import SOFTMAX_OPS, explicit_attention, weighs_values
 from peftc.methods.prefix.positions import shift_positions
-from peftc.methods.prefix.seq2seq import decoder_nodes, hf_blocks, learned_bias
+from peftc.methods.prefix.seq2seq import decoder_nodes, hf_blocks
 from peftc.methods.prefix.window import attention_windows
 
 aten = torch.ops.aten
@@ -285,13 +288,7 @@ def _decoder_self_attentions(ctx: CompileContext, statement, sites: list[Attenti
                            "reaches every layer of the decoder", where)
     decoder = decoder_nodes(ctx.gm)
     nodes = {n.name: n for n in ctx.gm.graph.nodes}
-    chosen = [s for s in sites if attention_call(nodes[s.node]).key in decoder]
-    for site in chosen:
-        if learned_bias(attention_call(nodes[site.node]).mask):
-            raise SpecError.at(statement.span, f"prefix on {site.path} is not built: its scores add a learned "
-                               "relative-position bias (T5's), which HF PEFT extends over the prefix keys and "
-                               "peftc does not; lora, ia3 and prompt run on this model", where)
-    return chosen
+    return [s for s in sites if attention_call(nodes[s.node]).key in decoder]
 
 
 def _emit_encoder(emit: Emit, encoder: PrefixEncoderRecord, records: list[PrefixRecord],

@@ -11,14 +11,17 @@
   prefix, and the odd blocks are never read. peftc builds exactly that: one prefix per block that is read,
   shared by the layers reading it, so training, HF PEFT's files and outputs are HF PEFT's.
 
-A decoder whose self-attention scores add a learned relative-position bias (T5) is refused: with a cached
-prefix, HF PEFT gives the prefix keys bias columns of their own relative positions, which the graph
-rewrite does not compute."""
+A decoder whose self-attention scores add a learned relative-position bias (T5's ``memory − context``
+positions, bucketed and looked up in a table) gets it over the prefix keys too, as HF PEFT's cache gives:
+the real queries sit at P..P+T-1 and the prefix keys at 0..P-1, so their columns are the same bias
+subgraph run again on ``arange(P) − (context + P)`` (:func:`relative_bias_columns`); the real columns keep
+their values, since both positions move by P."""
 from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
 
+from peftc.errors import PassError
 from peftc.graph.signature import DECODER, SIGNATURE
 
 aten = torch.ops.aten
@@ -43,21 +46,64 @@ def hf_blocks(count: int, encoder_decoder: bool) -> list[int]:
     return [(2 * i) % count for i in range(count)] if encoder_decoder else list(range(count))
 
 
+def _ancestry(node: Node) -> set[Node]:
+    seen, frontier = set(), [node]
+    while frontier:
+        current = frontier.pop()
+        if current not in seen:
+            seen.add(current)
+            frontier.extend(current.all_input_nodes)
+    return seen
+
+
+def _lookup(node: Node) -> bool:
+    """A float lookup in a table of the model's: a learned bias."""
+    table, val = node.args[0] if node.args else None, node.meta.get("val")
+    return (node.op == "call_function" and node.target in TABLE_LOOKUPS and isinstance(table, Node)
+            and table.op == "get_attr" and isinstance(val, torch.Tensor) and val.is_floating_point())
+
+
 def learned_bias(mask) -> bool:
     """Whether an attention mask adds values looked up in a table of the model's (a relative-position
-    bias, as T5's): a float lookup whose table no input reaches."""
-    if not isinstance(mask, Node):
-        return False
-    seen, frontier = set(), [mask]
-    while frontier:
-        node = frontier.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_function" and node.target in TABLE_LOOKUPS:
-            table, val = node.args[0], node.meta.get("val")
-            if (isinstance(table, Node) and table.op == "get_attr" and isinstance(val, torch.Tensor)
-                    and val.is_floating_point()):
-                return True
-        frontier.extend(node.all_input_nodes)
-    return False
+    bias, as T5's)."""
+    return isinstance(mask, Node) and any(_lookup(n) for n in _ancestry(mask))
+
+
+def _relative_positions(mask: Node) -> tuple[Node, Node, Node]:
+    """The ``memory − context`` subtraction feeding the mask's learned bias, with its key positions
+    (1 × keys) and query positions (queries × 1)."""
+    above = _ancestry(mask)
+    lookups = [n for n in above if _lookup(n)]
+    for sub in (n for n in _ancestry(lookups[0].args[1]) if n.target is aten.sub.Tensor):
+        memory, context = sub.args[:2]
+        shapes = [getattr(a, "meta", {}).get("val") for a in (memory, context)]
+        if all(isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point() for v in shapes) \
+                and shapes[0].shape[0] == 1 and shapes[1].shape[1] == 1:
+            return sub, memory, context
+    raise PassError(f"cannot extend the relative-position bias of mask {mask.name} over prefix keys: no "
+                    "key-minus-query position subtraction feeds its lookup")
+
+
+def relative_bias_columns(emit, mask: Node, tokens: int) -> Node:
+    """The P prefix columns of a mask holding a learned relative-position bias (inserted by ``emit``, the
+    prefix pass's :class:`peftc.methods.prefix.attention.Emit`): the bias subgraph run again
+    from ``arange(P) − (context + P)``. Where the bias meets the rest of the mask (the causal or padding
+    part, another input's branch), the prefix columns take the bias alone: every query sees the prefix."""
+    sub, memory, context = _relative_positions(mask)
+    above = _ancestry(mask)
+    branch = {n for n in above if sub in _ancestry(n)}
+    ones = emit(aten.new_ones.default, memory, [1, tokens])
+    keys = emit(aten.sub.Tensor, emit(aten.cumsum.default, ones, 1), 1)               # 0..P-1
+    env = {sub: emit(aten.sub.Tensor, keys, emit(aten.add.Tensor, context, tokens))}
+    for node in list(emit.graph.nodes):
+        if node in branch and node not in env:
+            others = [a for a in node.all_input_nodes if a not in branch and a.op != "get_attr"
+                      and any(x.op == "placeholder" for x in _ancestry(a))]
+            if others:             # the bias meets the mask here: the prefix columns are visible
+                env[node] = next(env[a] for a in node.all_input_nodes if a in env)
+            else:
+                env[node] = emit.copy(node, lambda n: env.get(n, n))
+        if node is mask:
+            break
+    batch = emit(aten.sym_size.int, mask, 0)
+    return emit(aten.expand.default, env[mask], [batch, -1, -1, -1])
