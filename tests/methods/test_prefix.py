@@ -13,6 +13,7 @@ import peftc
 from peftc.compiler.compiled import op_histogram
 from peftc.methods.prefix.attention import Emit, extend_attention
 from peftc.methods.prefix.rewrite import PrefixEncoderRecord
+from peftc.methods.prompt.hf import hf_shapes
 from conftest import randomize_adapters, token_ids
 from numerics import REORDERED, SAME_FUNCTION, assert_close, assert_differs, assert_export_close
 
@@ -220,10 +221,11 @@ def test_hf_files_refuse_what_hf_peft_cannot_hold(tiny, tmp_path):
     model = peftc.compile(tiny("tiny-llama"), "prefix tokens=2 layers=0..1")
     with pytest.raises(peftc.AdapterError, match="every one of the model's 4 layers"):
         model.save_hf_peft(tmp_path)
-    falcon = peftc.compile(tiny("tiny-falcon"), "prefix tokens=2")      # multi-query: 1 kv head
+    falcon = peftc.compile(peftc.load_model("tiny-falcon"), "prefix tokens=2")      # multi-query: 1 kv head
     fused = [(site.path, site.role, site.slices and {r: len(f) for r, f in site.slices.items()})
              for site in falcon.sites.by_node.values() if site.slices or site.role == "qkv"]
     assert [(r.site.kv_heads, r.site.head_dim) for r in falcon.records] == [(1, 16)] * 4, fused
+    assert hf_shapes(falcon, prefix=True) == {"num_layers": 4, "token_dim": 64, "num_attention_heads": 4}
     with pytest.raises(peftc.AdapterError, match="cannot hold this model's prefixes"):
         falcon.save_hf_peft(tmp_path)
     projected = peftc.compile(tiny("tiny-llama"), "prefix tokens=2 project=8")

@@ -45,15 +45,17 @@ def hf_shapes(model, prefix: bool) -> dict:
     """num_layers, token_dim, num_attention_heads as HF PEFT's ``_prepare_prompt_learning_config`` sets
     them for this model's config, but with every name read through the config's attributes: HF PEFT reads
     ``to_dict()``, which holds only a config's own names (DistilBERT's ``dim`` and ``n_heads``), and then
-    refuses a file that leaves those fields unset."""
+    refuses a file that leaves those fields unset. The key/value heads of a prefix (grouped-query
+    attention) come from the config's own ``num_key_value_heads`` and ``head_dim``, as HF PEFT reads them."""
     config = _text_config(model)
     layers = _first(getattr(model, "config", None), "num_hidden_layers") or _first(
         config, "num_hidden_layers", "num_layers", "n_layer")
     token_dim = _first(config, "hidden_size", "n_embd", "d_model")
     heads = _first(config, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-    kv_heads = _first(config, "num_key_value_heads")
+    own = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    kv_heads = own.get("num_key_value_heads")        # HF PEFT's grouped-query rule reads the config's own keys
     if prefix and kv_heads and heads:
-        head_dim = _first(config, "head_dim") or token_dim // heads
+        head_dim = own.get("head_dim") or token_dim // heads
         token_dim, heads = head_dim * kv_heads, kv_heads
     return {"num_layers": layers, "token_dim": token_dim, "num_attention_heads": heads}
 
