@@ -225,8 +225,7 @@ def test_hf_files_refuse_what_hf_peft_cannot_hold(tiny, tmp_path):
     # Falcon's multi-query attention has 1 key/value head of 16; a config declaring 4 (HF PEFT's
     # grouped-query rule reads num_key_value_heads from the config's own keys) makes HF PEFT size its
     # prefixes 4 heads x 16, which the attention cannot take. Declared here, so what the test checks does not
-    # hang on whether the config has the key: two full CI runs saw a fresh tiny-falcon's config hold
-    # num_key_value_heads = 1 after other files' tests (not reproduced in subsets, source not found).
+    # hang on the transformers version: 5.25's FalconConfig holds num_key_value_heads (1), 5.24's does not.
     base = peftc.load_model("tiny-falcon")
     base.config.num_key_value_heads = 4
     falcon = peftc.compile(base, "prefix tokens=2")
