@@ -35,7 +35,8 @@ from peftc.errors import ExportError
 from peftc.graph.capture import copy_graph_module, max_positions
 from peftc.export.constant_past import graph_windows, prompt_as_past, sdpa_nodes
 from peftc.methods.prefix.attention import sdpa_args
-from peftc.methods.prefix.positions import _ancestors, _value_path, position_roots
+from peftc.methods.prefix.dataflow import upstream
+from peftc.methods.prefix.positions import _value_path, position_roots
 
 aten = torch.ops.aten
 #: stand-in for "to the end" in aten.slice
@@ -333,7 +334,7 @@ def _use_mask(sdpa: Node, consumer, old_mask: Node | None, new_mask: Node) -> No
 
 def _check_mask_uses(mask: Node, ours: set[Node]) -> None:
     """After the rewrite the attention mask may only reach our masks and positions."""
-    reached = set(ours).union(*(_ancestors(o) for o in ours))
+    reached = upstream(ours)
     for user in mask.users:
         if user.op == "call_function" and user.target is aten.sym_size.int or user in reached:
             continue

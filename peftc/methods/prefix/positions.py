@@ -13,6 +13,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from peftc.methods.prefix.attention import Emit, attention_calls
+from peftc.methods.prefix.dataflow import downstream, upstream
 
 aten = torch.ops.aten
 ARANGE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
@@ -40,11 +41,7 @@ def _value_path(gm: GraphModule) -> set[Node]:
 
 def _from_inputs(gm: GraphModule) -> set[Node]:
     """Nodes computed from some input of the graph (the rest are the model's constants)."""
-    out: set[Node] = set()
-    for node in gm.graph.nodes:              # graph order: inputs come before their users
-        if node.op == "placeholder" or any(a in out for a in node.all_input_nodes):
-            out.add(node)
-    return out
+    return downstream(gm.graph, (n for n in gm.graph.nodes if n.op == "placeholder"))
 
 
 def _position_uses(gm: GraphModule) -> list[Node]:
@@ -57,12 +54,7 @@ def _position_uses(gm: GraphModule) -> list[Node]:
 def _position_path(gm: GraphModule) -> set[Node]:
     """Nodes on the way to the attention's inputs that feed a position use (see the module doc), the uses
     included."""
-    feeding: set[Node] = set()
-    for use in _position_uses(gm):
-        if use not in feeding:
-            feeding.add(use)
-            feeding |= _ancestors(use)
-    return feeding & _value_path(gm)
+    return upstream(_position_uses(gm)) & _value_path(gm)
 
 
 def _is_int(node: Node) -> bool:
@@ -83,17 +75,7 @@ def position_roots(gm: GraphModule) -> list[Node]:
             roots.append(node)
     # keep the outermost: a root computed from another root is shifted through it
     root_set = set(roots)
-    return [r for r in roots if not any(a in root_set for a in _ancestors(r))]
-
-
-def _ancestors(node: Node) -> set[Node]:
-    seen, frontier = set(), list(node.all_input_nodes)
-    while frontier:
-        n = frontier.pop()
-        if n not in seen:
-            seen.add(n)
-            frontier.extend(n.all_input_nodes)
-    return seen
+    return [r for r in roots if not any(a in root_set for a in upstream(r.all_input_nodes))]
 
 
 def _is_arange_buffer(gm: GraphModule, node) -> bool:

@@ -23,6 +23,7 @@ from torch.fx import GraphModule, Node
 
 from peftc.errors import PassError
 from peftc.graph.signature import DECODER, SIGNATURE
+from peftc.methods.prefix.dataflow import downstream, upstream
 
 aten = torch.ops.aten
 TABLE_LOOKUPS = {aten.embedding.default, aten.index.Tensor, aten.index_select.default}
@@ -33,27 +34,12 @@ def decoder_nodes(gm: GraphModule) -> set[Node]:
     signature = gm.meta.get(SIGNATURE)
     names = signature.names if signature is not None else ()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    start = {node for name, node in zip(names, placeholders) if name == DECODER}
-    out: set[Node] = set()
-    for node in gm.graph.nodes:              # graph order: inputs come before their users
-        if node in start or any(a in out for a in node.all_input_nodes):
-            out.add(node)
-    return out
+    return downstream(gm.graph, (node for name, node in zip(names, placeholders) if name == DECODER))
 
 
 def hf_blocks(count: int, encoder_decoder: bool) -> list[int]:
     """The block of HF PEFT's prefix tensor each of ``count`` attentions reads (see the module doc)."""
     return [(2 * i) % count for i in range(count)] if encoder_decoder else list(range(count))
-
-
-def _ancestry(node: Node) -> set[Node]:
-    seen, frontier = set(), [node]
-    while frontier:
-        current = frontier.pop()
-        if current not in seen:
-            seen.add(current)
-            frontier.extend(current.all_input_nodes)
-    return seen
 
 
 def _lookup(node: Node) -> bool:
@@ -66,15 +52,14 @@ def _lookup(node: Node) -> bool:
 def learned_bias(mask) -> bool:
     """Whether an attention mask adds values looked up in a table of the model's (a relative-position
     bias, as T5's)."""
-    return isinstance(mask, Node) and any(_lookup(n) for n in _ancestry(mask))
+    return isinstance(mask, Node) and any(_lookup(n) for n in upstream([mask]))
 
 
-def _relative_positions(mask: Node) -> tuple[Node, Node, Node]:
-    """The ``memory − context`` subtraction feeding the mask's learned bias, with its key positions
-    (1 × keys) and query positions (queries × 1)."""
-    above = _ancestry(mask)
-    lookups = [n for n in above if _lookup(n)]
-    for sub in (n for n in _ancestry(lookups[0].args[1]) if n.target is aten.sub.Tensor):
+def _relative_positions(mask: Node, above: set[Node]) -> tuple[Node, Node, Node]:
+    """The ``memory − context`` subtraction feeding the learned bias of ``mask`` (``above``: the nodes it
+    is computed from), with its key positions (1 × keys) and query positions (queries × 1)."""
+    lookup = next(n for n in above if _lookup(n))
+    for sub in (n for n in upstream([lookup.args[1]]) if n.target is aten.sub.Tensor):
         memory, context = sub.args[:2]
         shapes = [getattr(a, "meta", {}).get("val") for a in (memory, context)]
         if all(isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point() for v in shapes) \
@@ -89,17 +74,17 @@ def relative_bias_columns(emit, mask: Node, tokens: int) -> Node:
     prefix pass's :class:`peftc.methods.prefix.attention.Emit`): the bias subgraph run again
     from ``arange(P) − (context + P)``. Where the bias meets the rest of the mask (the causal or padding
     part, another input's branch), the prefix columns take the bias alone: every query sees the prefix."""
-    sub, memory, context = _relative_positions(mask)
-    above = _ancestry(mask)
-    branch = {n for n in above if sub in _ancestry(n)}
+    above = upstream([mask])
+    sub, memory, context = _relative_positions(mask, above)
+    branch = downstream(emit.graph, [sub]) & above
+    varying = downstream(emit.graph, (n for n in emit.graph.nodes if n.op == "placeholder"))
     ones = emit(aten.new_ones.default, memory, [1, tokens])
     keys = emit(aten.sub.Tensor, emit(aten.cumsum.default, ones, 1), 1)               # 0..P-1
     env = {sub: emit(aten.sub.Tensor, keys, emit(aten.add.Tensor, context, tokens))}
     for node in list(emit.graph.nodes):
         if node in branch and node not in env:
-            others = [a for a in node.all_input_nodes if a not in branch and a.op != "get_attr"
-                      and any(x.op == "placeholder" for x in _ancestry(a))]
-            if others:             # the bias meets the mask here: the prefix columns are visible
+            # where the bias meets another input's branch (the mask), the prefix columns are visible
+            if any(a not in branch and a in varying for a in node.all_input_nodes):
                 env[node] = next(env[a] for a in node.all_input_nodes if a in env)
             else:
                 env[node] = emit.copy(node, lambda n: env.get(n, n))

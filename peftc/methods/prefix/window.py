@@ -20,6 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from peftc.errors import PassError
 from peftc.graph.capture import max_positions
+from peftc.methods.prefix.dataflow import upstream
 from peftc.methods.prefix.explicit import AttentionCall
 
 
@@ -47,12 +48,7 @@ def attention_windows(gm: GraphModule, config, calls: list[AttentionCall], value
 
 def _run_masks(gm: GraphModule, masks: list[Node], length: int, value) -> list[torch.Tensor]:
     """The ``masks`` as the graph computes them for one sequence of ``length`` tokens, none padded."""
-    needed, frontier = set(), list(masks)
-    while frontier:
-        node = frontier.pop()
-        if node not in needed:
-            needed.add(node)
-            frontier.extend(node.all_input_nodes)
+    needed = upstream(masks)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = {placeholders[0]: torch.zeros(1, length, dtype=torch.long),
               placeholders[1]: torch.ones(1, length, dtype=torch.long)}

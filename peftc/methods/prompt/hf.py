@@ -110,7 +110,7 @@ def _load_prefix(model, records, config: dict, tensors: dict, path) -> None:
         raise AdapterError(f"{path} holds the prefixes themselves; this model learns them through a "
                            "project= MLP, which cannot be recovered from them (compile 'prefix tokens=N' "
                            "without project=, as peftc.load_hf_peft does)")
-    _check_common(config, path, _submodules(model))
+    _check_common(config, path, (_submodules(model),))
     check_keys(path, tensors, {KEY})
     flat = tensors[KEY]
     shapes = {"num_layers": config.get("num_layers"), "token_dim": config.get("token_dim"),
@@ -131,7 +131,7 @@ def _load_prefix(model, records, config: dict, tensors: dict, path) -> None:
 
 
 def _prefix_spec(config: dict, sites) -> str:
-    _check_common(config, "adapter_config.json", (1, 2))
+    _check_common(config, "adapter_config.json", ANY_SUBMODULES)
     return f"prefix tokens={int(config['num_virtual_tokens'])}\n"
 
 
@@ -164,7 +164,7 @@ def _load_prompt(model, records, config: dict, tensors: dict, path) -> None:
     ``num_transformer_submodules`` = 2) hold 2P rows, of which its prompt-tuning forward and generate read
     the first P, before the encoder's input: peftc reads those."""
     submodules = config.get("num_transformer_submodules") or 1
-    _check_common(config, path, (1, 2) if model.kind == "seq2seq-lm" else 1)
+    _check_common(config, path, ANY_SUBMODULES if model.kind == "seq2seq-lm" else (1,))
     check_keys(path, tensors, {KEY})
     record = _prompt_record(model)
     param = record.parameters(model.graph_module)["embedding"]
@@ -179,7 +179,7 @@ def _load_prompt(model, records, config: dict, tensors: dict, path) -> None:
 
 
 def _prompt_spec(config: dict, sites) -> str:
-    _check_common(config, "adapter_config.json", (1, 2))
+    _check_common(config, "adapter_config.json", ANY_SUBMODULES)
     return f"prompt tokens={int(config['num_virtual_tokens'])}\n"
 
 
@@ -189,9 +189,12 @@ def _submodules(model) -> int:
     return 2 if model.kind == "seq2seq-lm" else 1
 
 
-def _check_common(config: dict, path, expected: int | tuple[int, ...] = 1) -> None:
+#: the num_transformer_submodules a file may give before it meets a model: 1, or 2 (an encoder-decoder)
+ANY_SUBMODULES = (1, 2)
+
+
+def _check_common(config: dict, path, allowed: tuple[int, ...] = (1,)) -> None:
     submodules = config.get("num_transformer_submodules", 1)
-    allowed = expected if isinstance(expected, tuple) else (expected,)
     if (submodules not in allowed and submodules is not None) or isinstance(submodules, bool):
         raise AdapterError(f"{path}: num_transformer_submodules = {submodules!r}; peftc reads "
                            f"{' or '.join(map(str, allowed))} for this model")
@@ -201,11 +204,11 @@ def _check_common(config: dict, path, expected: int | tuple[int, ...] = 1) -> No
 
 
 def _check_prefix(config: dict, path) -> None:
-    _check_common(config, path, (1, 2))
+    _check_common(config, path, ANY_SUBMODULES)
     for key in ("num_layers", "token_dim", "num_attention_heads"):    # the layout of prompt_embeddings
         check_int(config, key, path, REQUIRED)
 
 
 register_format(Format("prefix", "PREFIX_TUNING", _save_prefix, _load_prefix, _prefix_spec, _check_prefix))
 register_format(Format("prompt", "PROMPT_TUNING", _save_prompt, _load_prompt, _prompt_spec,
-                       lambda config, path: _check_common(config, path, (1, 2))))
+                       lambda config, path: _check_common(config, path, ANY_SUBMODULES)))
